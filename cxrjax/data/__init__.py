@@ -1,0 +1,1 @@
+"""Data: sources, the imbalance protocol, rebalancing and Grain pipelines."""

@@ -1,0 +1,89 @@
+"""The imbalance protocol: subsample the training split to a set class ratio.
+
+The poster's protocol keeps the majority class whole and drops minority
+(pneumonia) images until majority:minority = `ratio` (3:1). Validation and test
+splits are never touched. All sampling is seeded from the one config seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cxrjax import seeding
+from cxrjax.data.dataset import Split
+from cxrjax.errors import UserError
+
+
+def stratified_cap(labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+  """Sorted indices of at most `limit` rows, keeping class proportions (at least one per class)."""
+  n = len(labels)
+  if limit <= 0 or limit >= n:
+    return np.arange(n)
+  classes, counts = np.unique(labels, return_counts=True)
+  quota = np.maximum(np.floor(counts / n * limit).astype(int), 1)
+  keep = []
+  for c, q in zip(classes, quota):
+    idx = np.flatnonzero(labels == c)
+    keep.append(rng.choice(idx, size=min(q, len(idx)), replace=False))
+  return np.sort(np.concatenate(keep))
+
+
+def apply_imbalance(train: Split, num_classes: int, minority_class: int, ratio: float, seed: int):
+  """Subsamples `train` to majority:minority = `ratio`.
+
+  The minority class is reduced to round(n_largest_other / ratio). If it has
+  fewer images than that, the other classes are reduced to
+  round(n_minority * ratio) instead, so the ratio always holds.
+
+  Args:
+    train: the training split.
+    num_classes: number of classes.
+    minority_class: the class to make rare.
+    ratio: majority:minority; 0 keeps the split as it is.
+    seed: the experiment seed.
+
+  Returns:
+    (subsampled split, report dict with counts before and after).
+
+  Raises:
+    UserError: unknown minority class, or a class left empty.
+  """
+  before = train.class_counts(num_classes)
+  report = dict(minority_class=minority_class, ratio=ratio, counts_before=before)
+  if ratio == 0:
+    report.update(counts_after=before, note='imbalance.ratio=0: training split kept as it is')
+    return train, report
+  if not 0 <= minority_class < num_classes:
+    raise UserError(f'config.imbalance.minority_class={minority_class}: expected a class in [0, {num_classes - 1}]')
+  others = [before[c] for c in range(num_classes) if c != minority_class]
+  n_major = max(others)
+  target_min = int(round(n_major / ratio))
+  target = list(before)
+  if before[minority_class] >= target_min:
+    target[minority_class] = target_min
+    note = f'minority class {minority_class} reduced to {target_min} = round({n_major}/{ratio:g})'
+  else:
+    cap = int(round(before[minority_class] * ratio))
+    target = [min(n, cap) if c != minority_class else n for c, n in enumerate(before)]
+    note = (
+      f'minority class {minority_class} has only {before[minority_class]} images: other classes'
+      f' reduced to at most {cap} = round({before[minority_class]}*{ratio:g})'
+    )
+  rng = seeding.numpy_rng(seed, 'imbalance')
+  keep = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(train.labels == c)
+    if target[c] < len(idx):
+      idx = np.sort(rng.choice(idx, size=target[c], replace=False))
+    keep.append(idx)
+  keep = np.sort(np.concatenate(keep))
+  out = train.take(keep)
+  after = out.class_counts(num_classes)
+  for c, n in enumerate(after):
+    if n == 0:
+      raise UserError(
+        f'imbalance protocol (minority_class={minority_class}, ratio={ratio:g}) leaves class {c} with no'
+        f' training images (counts before: {before}); lower imbalance.ratio'
+      )
+  report.update(counts_after=after, note=note)
+  return out, report

@@ -1,0 +1,213 @@
+"""Rebalancing methods: one interface, in the data layer and the loss.
+
+A method sees only the (imbalanced) training split and returns a
+`TrainingSet`: a pool of examples (the real training images, then any extra
+examples such as SMOTE interpolations or generator samples, each with its
+provenance), a sampling plan (pool indices for one epoch, repetition allowed),
+a per-row strong-augmentation flag, and per-class loss weights. Trainers
+consume a `TrainingSet` and never branch on the method; validation and test
+splits never reach this module.
+
+Methods (`config.rebalance.method`):
+  none           the imbalanced split as it is
+  class_weights  inverse-frequency (or effective-number) weights in the loss
+  undersample    drop random majority rows down to the target ratio
+  oversample     repeat random minority rows (with replacement) up to it
+  smote          add minority interpolations between k-nearest neighbours
+  augment        like oversample, but the repeats get strong augmentation
+Generative methods add their samples through `extra` (see `add_extra`).
+`rebalance.target_ratio` is minority:majority after rebalancing (1.0: equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cxrjax import seeding
+from cxrjax.data.dataset import Split, concat
+from cxrjax.errors import UserError
+
+METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augment')
+
+
+@dataclasses.dataclass
+class TrainingSet:
+  """What a classifier trains on: a pool of rows and a per-epoch sampling plan."""
+
+  pool: Split  # real training rows first, then extra rows
+  plan: np.ndarray  # int64 pool indices for one epoch (repetition allowed)
+  strong: np.ndarray  # bool per pool row: use strong augmentation
+  origin: np.ndarray  # str per pool row: 'real', 'smote', 'synthetic:<tag>', ...
+  class_weights: np.ndarray  # float32 [K]: loss weight of each class
+  method: str
+  details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def trained_counts(self, num_classes: int) -> list[int]:
+    """Examples per class in one epoch of the plan: what the classifier really sees."""
+    return np.bincount(self.pool.labels[self.plan], minlength=num_classes).astype(int).tolist()
+
+  def origin_counts(self) -> dict[str, int]:
+    kinds = np.array([o.split(':')[0] for o in self.origin[self.plan]])
+    values, counts = np.unique(kinds, return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+  def summary(self, num_classes: int) -> dict[str, Any]:
+    return dict(
+      method=self.method,
+      trained_counts=self.trained_counts(num_classes),
+      origin_counts=self.origin_counts(),
+      pool_size=len(self.pool),
+      epoch_size=int(len(self.plan)),
+      class_weights=[float(w) for w in self.class_weights],
+      **self.details,
+    )
+
+
+def class_weights(counts: np.ndarray, weighting: str = 'inverse', beta: float = 0.999) -> np.ndarray:
+  """Per-class loss weights.
+
+  'inverse': N / (K * n_k), scikit-learn's 'balanced'. 'effective': the
+  effective number of samples (Cui et al. 2019), (1 - beta) / (1 - beta^n_k),
+  normalised to sum to K.
+  """
+  counts = np.asarray(counts, np.float64)
+  k = len(counts)
+  if weighting == 'inverse':
+    w = counts.sum() / (k * np.maximum(counts, 1))
+  elif weighting == 'effective':
+    w = (1 - beta) / (1 - beta ** np.maximum(counts, 1))
+    w = w / w.sum() * k
+  else:
+    raise UserError(f'config.rebalance.weighting={weighting!r}: expected inverse or effective')
+  return w.astype(np.float32)
+
+
+def _targets_up(counts: np.ndarray, target_ratio: float) -> np.ndarray:
+  """Per-class counts after oversampling: every class at least target_ratio * largest."""
+  goal = int(round(target_ratio * counts.max()))
+  return np.maximum(counts, goal)
+
+
+def _targets_down(counts: np.ndarray, target_ratio: float) -> np.ndarray:
+  """Per-class counts after undersampling: no class above smallest / target_ratio."""
+  cap = int(round(counts.min() / target_ratio))
+  return np.minimum(counts, cap)
+
+
+def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generator):
+  """SMOTE in pixel space (Chawla et al. 2002) for one class.
+
+  Each new sample is x_i + lam * (x_j - x_i), with x_i a random row, x_j one
+  of its k nearest neighbours (Euclidean, same class) and lam ~ U(0, 1).
+
+  Returns:
+    (uint8 images [n_new, ...], base indices i, neighbour indices j, lambdas).
+  """
+  from sklearn.neighbors import NearestNeighbors  # noqa: PLC0415 - only this method needs it
+
+  n = len(images)
+  if n < 2:
+    raise UserError(f'SMOTE needs at least 2 images of a class to interpolate; got {n}')
+  k = min(k, n - 1)
+  flat = images.reshape(n, -1).astype(np.float32)
+  nn_ = NearestNeighbors(n_neighbors=k + 1).fit(flat)
+  _, neigh = nn_.kneighbors(flat)
+  neigh = neigh[:, 1:]  # drop the point itself
+  base = rng.integers(0, n, n_new)
+  pick = neigh[base, rng.integers(0, k, n_new)]
+  lam = rng.random(n_new).astype(np.float32)
+  new = flat[base] + lam.reshape(-1, 1) * (flat[pick] - flat[base])
+  new = np.clip(np.rint(new), 0, 255).astype(np.uint8).reshape((n_new,) + images.shape[1:])
+  return new, base, pick, lam
+
+
+def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> TrainingSet:
+  """Applies `config.rebalance` to the imbalanced training split.
+
+  Args:
+    train: the training split after the imbalance protocol (never val/test).
+    num_classes: K.
+    rebalance: `config.rebalance`.
+    seed: the experiment seed; the result is a function of (train, config, seed).
+
+  Returns:
+    A `TrainingSet`.
+  """
+  method = rebalance.method
+  if method not in METHODS:
+    raise UserError(f'config.rebalance.method={method!r}: expected one of {", ".join(METHODS)}')
+  rng = seeding.numpy_rng(seed, f'rebalance/{method}')
+  counts = np.bincount(train.labels, minlength=num_classes)
+  n = len(train)
+  origin = np.full(n, 'real', dtype=object)
+  strong = np.zeros(n, bool)
+  weights = np.ones(num_classes, np.float32)
+  plan = np.arange(n, dtype=np.int64)
+  pool = train
+  details: dict[str, Any] = {}
+
+  if method == 'class_weights':
+    weights = class_weights(counts, rebalance.weighting, rebalance.beta)
+    details['weighting'] = rebalance.weighting
+  elif method == 'undersample':
+    targets = _targets_down(counts, rebalance.target_ratio)
+    keep = []
+    for c in range(num_classes):
+      idx = np.flatnonzero(train.labels == c)
+      keep.append(np.sort(rng.choice(idx, size=targets[c], replace=False)) if targets[c] < len(idx) else idx)
+    plan = np.sort(np.concatenate(keep)).astype(np.int64)
+  elif method in ('oversample', 'augment'):
+    targets = _targets_up(counts, rebalance.target_ratio)
+    extra = []
+    for c in range(num_classes):
+      idx = np.flatnonzero(train.labels == c)
+      if targets[c] > len(idx):
+        extra.append(rng.choice(idx, size=targets[c] - len(idx), replace=True))
+    extra = np.concatenate(extra).astype(np.int64) if extra else np.zeros(0, np.int64)
+    if method == 'augment':
+      # The repeats become their own pool rows so that only they (not the
+      # originals) are augmented strongly.
+      pool = concat(train, train.take(extra))
+      origin = np.concatenate([origin, np.full(len(extra), 'augmented', dtype=object)])
+      strong = np.concatenate([strong, np.ones(len(extra), bool)])
+      plan = np.arange(len(pool), dtype=np.int64)
+    else:
+      plan = np.concatenate([plan, extra])
+  elif method == 'smote':
+    targets = _targets_up(counts, rebalance.target_ratio)
+    new_parts = []
+    for c in range(num_classes):
+      need = int(targets[c] - counts[c])
+      if need <= 0:
+        continue
+      idx = np.flatnonzero(train.labels == c)
+      imgs, base, pick, lam = smote_samples(train.images[idx], need, rebalance.smote_k, rng)
+      names = np.array(
+        [f'smote:{train.names[idx[b]]}+{train.names[idx[p]]}@{lv:.4f}' for b, p, lv in zip(base, pick, lam)]
+      )
+      new_parts.append(Split(imgs, np.full(need, c, np.int32), train.groups[idx[base]], names))
+    for part in new_parts:
+      pool = concat(pool, part)
+      origin = np.concatenate([origin, np.full(len(part), 'smote', dtype=object)])
+      strong = np.concatenate([strong, np.zeros(len(part), bool)])
+    plan = np.arange(len(pool), dtype=np.int64)
+    details['smote_k'] = int(rebalance.smote_k)
+  ts = TrainingSet(pool, plan, strong, origin.astype(str), weights, method, details)
+  ts.details['target_ratio'] = float(rebalance.target_ratio) if method not in ('none', 'class_weights') else None
+  return ts
+
+
+def add_extra(ts: TrainingSet, extra: Split, tag: str, strong: bool = False) -> TrainingSet:
+  """Appends extra rows (e.g. generator samples) to the pool and the plan."""
+  n = len(ts.pool)
+  pool = concat(ts.pool, extra)
+  return dataclasses.replace(
+    ts,
+    pool=pool,
+    plan=np.concatenate([ts.plan, np.arange(n, n + len(extra), dtype=np.int64)]),
+    strong=np.concatenate([ts.strong, np.full(len(extra), strong)]),
+    origin=np.concatenate([ts.origin, np.full(len(extra), tag)]).astype(str),
+  )

@@ -1,0 +1,441 @@
+"""Where images come from: npz, TFDS, class-per-folder trees, or the phantom.
+
+`load_dataset(data_config, seed)` returns a `Dataset` with train/val/test splits
+at `data.image_size` and `data.channels`, and a `source` record describing what
+was read (kind, path, checksum, resizing, carved splits, skipped files). With
+`data.source='auto'` real data is used when reachable and the phantom only as
+a loudly announced fallback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+
+from cxrjax import fileio
+from cxrjax.data import images as image_lib
+from cxrjax.data import phantom
+from cxrjax.data.dataset import SPLITS, Dataset, Split, check_labels
+from cxrjax.errors import UserError
+
+DATA_DIR_ENV = 'CXRJAX_DATA_DIR'
+MEDMNIST_SIZES = (28, 64, 128, 224)
+PNEUMONIA_CLASSES = ('normal', 'pneumonia')
+
+
+def _md5(path: str) -> str:
+  h = hashlib.md5()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def resolve_path(path: str) -> str:
+  """An existing file or folder for `path`, also looked up under $CXRJAX_DATA_DIR."""
+  expanded = os.path.expanduser(os.path.expandvars(path))
+  if os.path.exists(expanded):
+    return os.path.abspath(expanded)
+  data_dir = os.environ.get(DATA_DIR_ENV, '')
+  if data_dir and not os.path.isabs(expanded):
+    candidate = os.path.join(data_dir, expanded)
+    if os.path.exists(candidate):
+      return os.path.abspath(candidate)
+  where = f' (also looked in ${DATA_DIR_ENV}={data_dir})' if data_dir else ''
+  raise UserError(f'data.path {path!r}: no such file or folder{where}')
+
+
+def medmnist_file(folder: str, size: int, name: str = 'pneumoniamnist') -> tuple[str, int] | None:
+  """The MedMNIST npz in `folder` best suited to `size`: exact, else next larger, else largest."""
+  found = {}
+  for s in MEDMNIST_SIZES:
+    fname = f'{name}.npz' if s == 28 else f'{name}_{s}.npz'
+    p = os.path.join(folder, fname)
+    if os.path.isfile(p):
+      found[s] = p
+  if not found:
+    return None
+  if size in found:
+    return found[size], size
+  larger = [s for s in found if s > size]
+  s = min(larger) if larger else max(found)
+  return found[s], s
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def load_npz(path: str, size: int, channels: int, num_classes: int, class_names=()) -> Dataset:
+  """A MedMNIST-format npz: {train,val,test}_{images,labels}, val optional."""
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path}: not a readable npz file ({e})') from e
+  with npz:
+    keys = set(npz.files)
+    for split in ('train', 'test'):
+      for part in ('images', 'labels'):
+        if f'{split}_{part}' not in keys:
+          raise UserError(
+            f'{path}: missing key {split}_{part!s}; expected MedMNIST keys'
+            ' {train,val,test}_{images,labels} (val optional)'
+          )
+    present = [s for s in SPLITS if f'{s}_images' in keys and f'{s}_labels' in keys]
+    raw = {}
+    for split in present:
+      try:
+        imgs = npz[f'{split}_images']
+        labs = npz[f'{split}_labels']
+      except ValueError as e:  # object arrays need pickle, which we refuse
+        raise UserError(f'{path}: key {split}_images/labels is not a plain array ({e})') from e
+      raw[split] = (imgs, labs)
+  max_label = max(int(np.max(labs)) if np.size(labs) else 0 for _, labs in raw.values())
+  k = num_classes or max(max_label + 1, 2)
+  source_size = None
+  splits = {}
+  for split, (imgs, labs) in raw.items():
+    where = f'{path}:{split}_images'
+    if imgs.dtype != np.uint8:
+      raise UserError(f'{where}: dtype {imgs.dtype}; expected uint8 pixels')
+    if imgs.ndim == 3:
+      imgs = imgs[..., None]
+    if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3, 4) or imgs.shape[1] < 4 or imgs.shape[2] < 4:
+      raise UserError(f'{where}: shape {imgs.shape}; expected [N, H, W] or [N, H, W, C] with C in 1, 3')
+    labs = check_labels(labs, k, f'{path}:{split}_labels')
+    if len(labs) != len(imgs):
+      raise UserError(f'{path}: {split}_images has {len(imgs)} rows but {split}_labels has {len(labs)}')
+    source_size = imgs.shape[1]
+    imgs = image_lib.resize_array(image_lib.to_channels(imgs, channels), size)
+    names = np.array([f'{split}[{i}]' for i in range(len(labs))])
+    splits[split] = Split(imgs, labs, names.copy(), names)
+  if k == 2 and not class_names and 'pneumonia' in os.path.basename(path).lower():
+    class_names = PNEUMONIA_CLASSES
+  names = tuple(class_names) if class_names else tuple(f'class{i}' for i in range(k))
+  if len(names) != k:
+    raise UserError(f'data.class_names has {len(names)} names but {path} has {k} classes')
+  source = dict(kind='npz', path=path, md5=_md5(path), phantom=False, source_size=int(source_size))
+  if source_size != size:
+    source['resized_from'] = int(source_size)
+  source['description'] = f'npz {path} (md5 {source["md5"]})' + (
+    f', resized {source_size}->{size} px' if source_size != size else ''
+  )
+  return Dataset(splits, names, source)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _list_images(folder: Path) -> tuple[list[Path], int]:
+  files, ignored = [], 0
+  for p in sorted(folder.rglob('*')):
+    if p.is_file() and not p.name.startswith('.'):
+      if p.suffix.lower() in image_lib.IMAGE_EXTENSIONS:
+        files.append(p)
+      else:
+        ignored += 1
+  return files, ignored
+
+
+def _subdirs(folder: Path) -> list[Path]:
+  return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+
+
+def _decode_all(files: list[Path], size: int, channels: int, on_bad_image: str, threads: int):
+  def one(p):
+    try:
+      return image_lib.decode_file(str(p), size, channels), None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+      return None, f'{type(e).__name__}: {e}'
+
+  with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+    results = list(pool.map(one, files))
+  images, keep, bad = [], [], []
+  for p, (arr, err) in zip(files, results):
+    if err is None:
+      images.append(arr)
+      keep.append(True)
+    else:
+      if on_bad_image == 'error':
+        raise UserError(
+          f'{p}: unreadable image ({err}); fix or remove it, or set data.on_bad_image=skip to skip and count it'
+        )
+      bad.append(str(p))
+      keep.append(False)
+  return images, np.array(keep, bool), bad
+
+
+def load_folder(
+  root: str,
+  size: int,
+  channels: int,
+  *,
+  val_fraction: float,
+  test_fraction: float,
+  group_regex: str,
+  on_bad_image: str,
+  seed: int,
+  cache_dir: str = '',
+  threads: int = 4,
+) -> Dataset:
+  """A class-per-folder tree, with or without split folders.
+
+  Layouts: `root/{train,val,test}/<class>/...` (val optional) or
+  `root/<class>/...` (val and test carved out, grouped by patient). Class names
+  are the folder names, sorted; images of any size and mode are squashed to
+  `size` x `size` with `channels` channels. Decoded arrays are cached.
+  """
+  rootp = Path(root)
+  top = {p.name.lower(): p for p in _subdirs(rootp)}
+  split_dirs = {s: top[s] for s in SPLITS if s in top}
+  if 'train' in split_dirs:
+    layout = 'split-folders'
+  else:
+    layout = 'class-folders'
+    split_dirs = {'all': rootp}
+  class_names = sorted({c.name for d in split_dirs.values() for c in _subdirs(d)})
+  if len(class_names) < 2:
+    raise UserError(
+      f'{root}: found {len(class_names)} class folder(s) {class_names}; expected at least 2'
+      ' (layout root/<class>/*.png or root/{train,test}/<class>/*.png)'
+    )
+  per_split_files, ignored = {}, 0
+  for split, d in split_dirs.items():
+    entries = []
+    for k, cname in enumerate(class_names):
+      cdir = d / cname
+      files, ign = _list_images(cdir) if cdir.is_dir() else ([], 0)
+      ignored += ign
+      entries += [(f, k) for f in files]
+    per_split_files[split] = entries
+
+  train_key = 'train' if 'train' in per_split_files else 'all'
+  counts = np.bincount([k for _, k in per_split_files[train_key]], minlength=len(class_names))
+  for k, n in enumerate(counts):
+    if n == 0:
+      raise UserError(
+        f'{split_dirs[train_key] / class_names[k]}: class {class_names[k]!r} has no images in the'
+        f' training data; expected image files ({", ".join(image_lib.IMAGE_EXTENSIONS)})'
+      )
+
+  # Decoding thousands of JPEGs takes a while: cache the arrays, keyed on the
+  # file list, sizes and modification times, so a changed file is re-read.
+  fingerprint = hashlib.sha256()
+  fingerprint.update(json.dumps([os.path.abspath(root), size, channels, on_bad_image]).encode())
+  for split in sorted(per_split_files):
+    for f, k in per_split_files[split]:
+      st = f.stat()
+      fingerprint.update(f'{split}|{f.relative_to(rootp)}|{k}|{st.st_size}|{st.st_mtime_ns}\n'.encode())
+  key = fingerprint.hexdigest()[:24]
+  cache_root = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'cxrjax')
+  cache_path = os.path.join(cache_root, f'folder-{key}.npz')
+
+  bad: list[str] = []
+  decoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+  if os.path.isfile(cache_path):
+    with np.load(cache_path, allow_pickle=False) as z:
+      for split in per_split_files:
+        decoded[split] = (z[f'{split}_images'], z[f'{split}_labels'], z[f'{split}_names'])
+      bad = list(z['bad']) if 'bad' in z.files else []
+    cached = True
+  else:
+    cached = False
+    for split, entries in per_split_files.items():
+      files = [f for f, _ in entries]
+      imgs, keep, bad_here = _decode_all(files, size, channels, on_bad_image, threads)
+      bad += bad_here
+      labels = np.array([k for _, k in entries], np.int32)[keep]
+      names = np.array([str(f.relative_to(rootp)) for f in files])[keep]
+      arr = np.stack(imgs) if imgs else np.zeros((0, size, size, channels), np.uint8)
+      decoded[split] = (arr, labels, names)
+    payload = {}
+    for split, (arr, labels, names) in decoded.items():
+      payload[f'{split}_images'] = arr
+      payload[f'{split}_labels'] = labels
+      payload[f'{split}_names'] = names
+    payload['bad'] = np.array(bad, dtype=str)
+    try:
+      fileio.atomic_save_npz(cache_path, payload)
+    except OSError as e:  # a read-only home is no reason to fail
+      logging.warning('could not cache decoded images at %s: %s', cache_path, e)
+
+  pattern = re.compile(group_regex) if group_regex else None
+
+  def groups_for(names: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    out = []
+    for name, lab in zip(names, labels):
+      m = pattern.search(os.path.basename(name)) if pattern else None
+      # A patient id is only shared within a class folder (e.g. NORMAL vs
+      # PNEUMONIA use different numbering schemes), so prefix it.
+      out.append(f'{class_names[lab]}/{m.group(1)}' if m else str(name))
+    return np.array(out)
+
+  splits = {}
+  for split, (arr, labels, names) in decoded.items():
+    splits[split] = Split(arr, labels.astype(np.int32), groups_for(names, labels), names)
+  notes = []
+  if layout == 'class-folders':
+    all_split = splits.pop('all')
+    test_idx, rest_idx = grouped_split(all_split.labels, all_split.groups, test_fraction, seed, salt=1)
+    splits['test'] = all_split.take(test_idx)
+    splits['train'] = all_split.take(rest_idx)
+    notes.append(f'test carved from all images ({test_fraction:.0%}, grouped by patient)')
+  if 'val' not in splits or len(splits['val']) == 0:
+    train = splits['train']
+    val_idx, train_idx = grouped_split(train.labels, train.groups, val_fraction, seed, salt=2)
+    splits['val'] = train.take(val_idx)
+    splits['train'] = train.take(train_idx)
+    notes.append(f'val carved from train ({val_fraction:.0%}, grouped by patient)')
+  if 'test' not in splits:
+    raise UserError(f'{root}: has train/ but no test/ folder; expected root/{{train,test}}/<class>/')
+  for split in SPLITS:
+    c = splits[split].class_counts(len(class_names))
+    for k, n in enumerate(c):
+      if n == 0:
+        notes.append(f'{split} has no images of class {class_names[k]!r}')
+  if bad:
+    notes.append(f'skipped {len(bad)} unreadable image(s), e.g. {bad[0]}')
+  if ignored:
+    notes.append(f'ignored {ignored} non-image file(s)')
+  source = dict(
+    kind='folder',
+    path=os.path.abspath(root),
+    phantom=False,
+    layout=layout,
+    cache=cache_path if cached else '',
+    skipped_images=len(bad),
+    notes=notes,
+    description=f'folder {os.path.abspath(root)} ({layout}, {size}x{size})'
+    + ('; ' + '; '.join(notes) if notes else ''),
+  )
+  return Dataset(splits, tuple(class_names), source)
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, salt: int = 0):
+  """Indices (held_out, rest): about `fraction` of each class, whole groups only.
+
+  Groups are visited in a seeded random order and given to the held-out side
+  while their class (the group's most common label) is below its quota, so
+  that no patient has images on both sides.
+  """
+  n = len(labels)
+  if fraction <= 0 or n == 0:
+    return np.zeros(0, np.int64), np.arange(n)
+  uniq, inverse = np.unique(groups, return_inverse=True)
+  num_classes = int(labels.max()) + 1
+  group_label = np.zeros(len(uniq), np.int64)
+  group_size = np.bincount(inverse, minlength=len(uniq))
+  for g in range(len(uniq)):
+    group_label[g] = np.bincount(labels[inverse == g], minlength=num_classes).argmax()
+  quota = np.bincount(labels, minlength=num_classes) * fraction
+  taken = np.zeros(num_classes)
+  held = np.zeros(len(uniq), bool)
+  rng = np.random.default_rng([seed, 7919, salt])
+  for g in rng.permutation(len(uniq)):
+    c = group_label[g]
+    if taken[c] + group_size[g] / 2 <= quota[c]:
+      held[g] = True
+      taken[c] += group_size[g]
+  mask = held[inverse]
+  return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+def _online(host: str = 'zenodo.org', timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def load_dataset(data, seed: int) -> Dataset:
+  """Loads the dataset that `data` (the `config.data` section) asks for.
+
+  Args:
+    data: `config.data`.
+    seed: the experiment seed (used to carve validation splits, phantom).
+
+  Returns:
+    A `Dataset`; `dataset.source['description']` says what was read.
+
+  Raises:
+    UserError: missing or malformed data, naming the path or key.
+  """
+  size, channels, k = data.image_size, data.channels, data.num_classes
+  names = tuple(n.strip() for n in data.class_names.split(',') if n.strip())
+  folder_kwargs = dict(
+    val_fraction=data.val_fraction,
+    test_fraction=data.test_fraction,
+    group_regex=data.group_regex,
+    on_bad_image=data.on_bad_image,
+    seed=seed,
+    cache_dir=data.cache_dir,
+    threads=data.num_threads,
+  )
+  source = data.source
+
+  def from_path(path: str, kind: str) -> Dataset:
+    if os.path.isdir(path) and kind in ('npz', 'auto'):
+      found = medmnist_file(path, size)
+      if found is not None:
+        return load_npz(found[0], size, channels, k, names)
+      if kind == 'npz':
+        raise UserError(f'data.path {path!r}: folder has no pneumoniamnist[_SIZE].npz; expected an npz file')
+    if os.path.isdir(path):
+      ds = load_folder(path, size, channels, **folder_kwargs)
+      if k and ds.num_classes != k:
+        raise UserError(f'{path}: found {ds.num_classes} class folders {ds.class_names}; config.data.num_classes={k}')
+      return ds
+    if path.endswith('.npz') or kind == 'npz':
+      return load_npz(path, size, channels, k, names)
+    raise UserError(f'data.path {path!r}: expected an .npz file or a folder of class folders')
+
+  if source == 'phantom':
+    return phantom.load_phantom(k or 2, size, channels, seed)
+  if source == 'tfds':
+    from cxrjax.data import tfds_source  # noqa: PLC0415 - TFDS is slow to import
+
+    return tfds_source.load(data.tfds_name, size, channels, data.tfds_dir, download=True)
+  if source in ('npz', 'folder'):
+    if not data.path:
+      raise UserError(f'data.source={source!r} needs data.path (an npz file or a folder)')
+    path = resolve_path(data.path)
+    if source == 'folder' and not os.path.isdir(path):
+      raise UserError(f'data.path {path!r}: expected a folder for data.source=folder')
+    return from_path(path, source)
+
+  # auto
+  if data.path:
+    return from_path(resolve_path(data.path), 'auto')
+  env_dir = os.environ.get(DATA_DIR_ENV, '')
+  if env_dir:
+    if not os.path.isdir(env_dir):
+      raise UserError(f'${DATA_DIR_ENV}={env_dir!r}: not a folder')
+    found = medmnist_file(env_dir, size)
+    if found is not None:
+      return load_npz(found[0], size, channels, k, names)
+  from cxrjax.data import tfds_source  # noqa: PLC0415
+
+  if tfds_source.is_prepared(data.tfds_name, size, data.tfds_dir):
+    return tfds_source.load(data.tfds_name, size, channels, data.tfds_dir, download=False)
+  if _online():
+    try:
+      return tfds_source.load(data.tfds_name, size, channels, data.tfds_dir, download=True)
+    except UserError as e:
+      logging.warning('TFDS download failed (%s); falling back to the phantom', e)
+  ds = phantom.load_phantom(k or 2, size, channels, seed)
+  ds.source['fallback'] = (
+    f'no real data found (data.path empty, ${DATA_DIR_ENV} unset or without pneumoniamnist npz,'
+    ' no prepared TFDS dataset, offline): using the PHANTOM'
+  )
+  return ds

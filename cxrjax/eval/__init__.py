@@ -1,0 +1,1 @@
+"""Evaluation: metrics, reports, Grad-CAM, generator quality, statistics."""

@@ -1,0 +1,276 @@
+"""What every trainer shares: data preparation, the workdir guard, run records, optimizers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from cxrjax import config_lib, fileio, progress, seeding
+from cxrjax.data import imbalance, rebalance, sources
+from cxrjax.data.dataset import Dataset, Split
+from cxrjax.errors import UserError
+
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'scikit-learn', 'ml-collections')
+
+
+@dataclasses.dataclass
+class PreparedData:
+  """The dataset after the imbalance protocol and limits, plus the rebalanced training set."""
+
+  dataset: Dataset  # val/test as evaluated (after limit_eval); train as loaded
+  train: Split  # after the imbalance protocol (and limit_train)
+  training_set: rebalance.TrainingSet
+  imbalance_report: dict[str, Any]
+  leakage: dict[str, Any]
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+  def record(self) -> dict[str, Any]:
+    """The data section of metrics.json."""
+    k = self.num_classes
+    return dict(
+      source=self.dataset.source,
+      phantom=self.dataset.is_phantom,
+      class_names=list(self.dataset.class_names),
+      image_shape=list(self.dataset.image_shape),
+      counts_loaded=self.dataset.source.get('counts_loaded'),
+      imbalance=self.imbalance_report,
+      counts=dict(
+        train_imbalanced=self.train.class_counts(k),
+        trained_on=self.training_set.trained_counts(k),
+        val=self.dataset.splits['val'].class_counts(k),
+        test=self.dataset.splits['test'].class_counts(k),
+      ),
+      rebalance=self.training_set.summary(k),
+      leakage=self.leakage,
+    )
+
+
+def check_leakage(dataset: Dataset, train: Split) -> dict[str, Any]:
+  """Counts training images whose pixels also appear in val or test.
+
+  Exact duplicates across splits are a property of some public datasets (8
+  PneumoniaMNIST training images reappear in val); they are reported, never
+  hidden, and never added to by cxrjax.
+  """
+  train_h = set(train.content_hashes())
+  out = {}
+  for split in ('val', 'test'):
+    h = dataset.splits[split].content_hashes()
+    out[f'train_in_{split}'] = int(sum(x in train_h for x in h))
+  return out
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
+  """Loads data, applies the imbalance protocol, limits and the rebalancing method."""
+  ds = sources.load_dataset(config.data, config.seed)
+  ds.source['counts_loaded'] = ds.counts()
+  k = ds.num_classes
+  if config.data.num_classes and config.data.num_classes != k:
+    raise UserError(f'config.data.num_classes={config.data.num_classes} but the data has {k} classes')
+  if k == 2 and not 0 <= config.data.positive_class < 2:
+    raise UserError(f'config.data.positive_class={config.data.positive_class}: expected 0 or 1')
+  for split in ('train', 'val', 'test'):
+    if len(ds.splits[split]) == 0:
+      raise UserError(f'{ds.source.get("path") or ds.source["kind"]}: the {split} split is empty')
+  train, report = imbalance.apply_imbalance(
+    ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, config.seed
+  )
+  if config.data.limit_train:
+    keep = imbalance.stratified_cap(
+      train.labels, config.data.limit_train, seeding.numpy_rng(config.seed, 'limit/train')
+    )
+    train = train.take(keep)
+    report['limited_to'] = train.class_counts(k)
+  if config.data.limit_eval:
+    for split in ('val', 'test'):
+      rng = seeding.numpy_rng(config.seed, f'limit/{split}')
+      ds.splits[split] = ds.splits[split].take(
+        imbalance.stratified_cap(ds.splits[split].labels, config.data.limit_eval, rng)
+      )
+    ds.source['eval_limited_to'] = config.data.limit_eval
+  ts = rebalance.build_training_set(train, k, config.rebalance, config.seed)
+  return PreparedData(ds, train, ts, report, check_leakage(ds, train))
+
+
+def versions() -> dict[str, str]:
+  out = {'python': platform.python_version()}
+  for p in PACKAGES:
+    try:
+      out[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      out[p] = 'not installed'
+  return out
+
+
+def git_commit() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=here, capture_output=True, text=True, timeout=5)
+    return out.stdout.strip() or 'unknown'
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def command_line() -> str:
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(os.path.join('cxrjax', 'main.py')):
+    argv[0] = 'python -m cxrjax.main'
+  return ' '.join(argv)
+
+
+def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(
+    cxrjax_commit=git_commit(),
+    config_hash=config_lib.config_hash(config),
+    seed=config.seed,
+    profile=config.profile,
+    trainer=config.trainer,
+    versions=versions(),
+    devices=[str(d) for d in jax.devices()],
+    process_count=jax.process_count(),
+    platform=jax.default_backend(),
+    xla_flags=os.environ.get('XLA_FLAGS', ''),
+    command=command_line(),
+    host=platform.node(),
+  )
+
+
+def _config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
+  keys = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      keys += _config_diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      keys.append(f'{prefix}{k}')
+  return keys
+
+
+class Run:
+  """An open workdir: locked, its config recorded, with a metric writer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.lock = fileio.WorkdirLock(self.workdir)
+    self.writer: progress.MetricWriter | None = None
+    self.t_start = time.time()
+
+  def open(self) -> Run:
+    """Creates/locks the workdir; refuses one made with a different config unless overwriting."""
+    existed = os.path.isdir(self.workdir) and bool(os.listdir(self.workdir))
+    self.lock.acquire()
+    cfg_path = os.path.join(self.workdir, 'config.json')
+    mine = json.loads(self.config.to_json_best_effort())
+    if os.path.isfile(cfg_path):
+      theirs = fileio.read_json(cfg_path)
+      new_hash = config_lib.config_hash(self.config)
+      if theirs.get('config_hash') != new_hash:
+        if not self.config.overwrite:
+          diff = _config_diff(theirs.get('config', {}), mine)
+          diff = [d for d in diff if d not in config_lib.RUNTIME_KEYS and d != 'overwrite']
+          raise UserError(
+            f'{self.workdir}: workdir holds a run with a different config (differs in {", ".join(diff[:6]) or "?"});'
+            ' use another --workdir or pass --overwrite'
+          )
+        self._clear()
+    elif existed and self.config.overwrite:
+      self._clear()
+    if jax.process_index() == 0:
+      fileio.atomic_write_json(cfg_path, dict(config_hash=config_lib.config_hash(self.config), config=mine))
+    self.writer = progress.MetricWriter(os.path.join(self.workdir, 'tb'))
+    return self
+
+  def _clear(self) -> None:
+    progress.log(f'--overwrite: clearing {self.workdir}')
+    if jax.process_index() != 0:
+      return
+    for name in os.listdir(self.workdir):
+      if name == '.lock':
+        continue
+      p = os.path.join(self.workdir, name)
+      shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+    self.lock.release()
+
+
+def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
+  ds = data.dataset
+  k = ds.num_classes
+  lines = [
+    '=' * 78,
+    f'cxrjax {config.trainer} | profile {config.profile} | seed {config.seed}',
+    f'data: {ds.source["description"]}',
+  ]
+  if ds.is_phantom:
+    lines.append('*** PHANTOM DATA: procedural images, NOT real X-rays; results are labelled PHANTOM ***')
+  if ds.source.get('fallback'):
+    lines.append(f'*** {ds.source["fallback"]} ***')
+  lines += [
+    f'classes: {", ".join(ds.class_names)}',
+    f'train loaded {ds.splits["train"].class_counts(k) if "counts_loaded" not in ds.source else ds.source["counts_loaded"]["train"]}'
+    f' -> imbalanced {data.train.class_counts(k)} -> trained on {data.training_set.trained_counts(k)}'
+    f' ({data.training_set.method})',
+    f'val {ds.splits["val"].class_counts(k)} | test {ds.splits["test"].class_counts(k)}',
+  ]
+  if any(data.leakage.values()):
+    lines.append(f'note: identical images across splits in the source data: {data.leakage}')
+  lines.append('=' * 78)
+  for line in lines:
+    progress.log(line)
+
+
+def make_optimizer(optim, total_steps: int, steps_per_epoch: int):
+  """(optax transform, learning-rate schedule) from `config.optim`."""
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  if optim.schedule == 'cosine':
+    if warmup:
+      schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1))
+    else:
+      schedule = optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))
+  else:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup]) if warmup else optax.constant_schedule(optim.lr)  # fmt: skip
+  if optim.name == 'adam':
+    tx = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
+    if optim.weight_decay:
+      # L2 penalty added to the gradient, as torch.optim.Adam(weight_decay=...)
+      tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), tx)
+  elif optim.name == 'adamw':
+    tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+  else:
+    tx = optax.sgd(schedule, momentum=optim.momentum, nesterov=True)
+    if optim.weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), tx)
+  if optim.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx, schedule
+
+
+def base_key(config: ml_collections.ConfigDict, name: str) -> jax.Array:
+  return seeding.jax_key(config.seed, name)
+
+
+def finite(x) -> bool:
+  return bool(np.all(np.isfinite(np.asarray(x))))

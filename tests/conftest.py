@@ -1,0 +1,60 @@
+"""Shared fixtures: the real data folder, small configs, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+  """$CXRJAX_DATA_DIR, else ../shared/data beside the checkout (as in CI)."""
+  env = os.environ.get('CXRJAX_DATA_DIR')
+  path = Path(env) if env else ROOT.parent / 'shared' / 'data'
+  if not (path / 'pneumoniamnist.npz').is_file():
+    pytest.fail(
+      f'real test data not found at {path}: set CXRJAX_DATA_DIR to the folder with pneumoniamnist.npz and chest_xray/'
+    )
+  return path
+
+
+@pytest.fixture(scope='session')
+def shared_data() -> Path:
+  path = data_dir()
+  os.environ['CXRJAX_DATA_DIR'] = str(path)
+  return path
+
+
+@pytest.fixture(scope='session')
+def npz_path(shared_data) -> Path:
+  return shared_data / 'pneumoniamnist.npz'
+
+
+@pytest.fixture(scope='session')
+def chest_xray(shared_data) -> Path:
+  path = shared_data / 'chest_xray'
+  if not path.is_dir():
+    pytest.fail(f'{path} not found: the Kermany chest_xray folder is part of the test data')
+  return path
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs `python -m cxrjax.main ARGS` in a fresh process."""
+  full_env = dict(os.environ)
+  full_env.setdefault('CXRJAX_DATA_DIR', str(data_dir()))
+  full_env.update(env or {})
+  return subprocess.run(
+    [sys.executable, '-m', 'cxrjax.main', *args],
+    cwd=ROOT,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

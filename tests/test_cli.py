@@ -1,0 +1,135 @@
+"""The command line end to end: smoke runs on the real data, and one-line errors for bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+METRIC_KEYS = ('accuracy', 'balanced_accuracy', 'precision', 'recall', 'sensitivity', 'specificity', 'f1', 'mcc',
+               'kappa', 'youden_j', 'auroc', 'auprc', 'confusion_matrix')  # fmt: skip
+
+
+def assert_outputs(workdir):
+  for name in ('metrics.json', 'report.md', 'confusion.png', 'curves.png', 'config.json', 'predictions.npz'):
+    assert (workdir / name).is_file(), name
+  assert any((workdir / 'tb').iterdir()), 'TensorBoard events'
+  m = json.loads((workdir / 'metrics.json').read_text())
+  for split in ('val', 'test'):
+    for thr in ('threshold_0.5', 'youden'):
+      for key in METRIC_KEYS:
+        assert key in m[split][thr], (split, thr, key)
+  assert m['run']['versions']['jax']
+  assert m['run']['seed'] == 0
+  assert m['train']['wall_time_s'] > 0
+  return m
+
+
+def test_smoke_baseline_on_pneumoniamnist(tmp_path):
+  wd = tmp_path / 'run'
+  r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={wd}'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = assert_outputs(wd)
+  assert m['data']['source']['kind'] == 'npz' and not m['phantom']
+  assert m['data']['imbalance']['counts_after'] == [1214, 405]  # before the smoke profile's cap
+  assert m['data']['counts']['trained_on'] == m['data']['counts']['train_imbalanced']
+  assert 'PHANTOM' not in (wd / 'report.md').read_text()
+  assert 'pneumoniamnist.npz' in r.stderr  # the banner names the data
+
+
+def test_smoke_on_kermany_folder(tmp_path, chest_xray):
+  wd = tmp_path / 'run'
+  r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={wd}', f'--config.data.path={chest_xray}',
+               f'--config.data.cache_dir={tmp_path / "cache"}'])  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = assert_outputs(wd)
+  assert m['data']['source']['kind'] == 'folder'
+  assert m['data']['class_names'] == ['NORMAL', 'PNEUMONIA']
+
+
+def test_phantom_is_labelled_everywhere(tmp_path):
+  wd = tmp_path / 'run'
+  r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={wd}', '--config.data.source=phantom'])
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = json.loads((wd / 'metrics.json').read_text())
+  assert m['phantom'] is True
+  assert 'PHANTOM' in (wd / 'report.md').read_text()
+  assert 'PHANTOM' in r.stderr
+
+
+def _bad_npz(tmp_path, mutate):
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for s, n in (('train', 40), ('val', 10), ('test', 10)):
+    arrays[f'{s}_images'] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    arrays[f'{s}_labels'] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
+  mutate(arrays)
+  path = tmp_path / 'bad.npz'
+  np.savez(path, **arrays)
+  return path
+
+
+def _corrupt_tree(tmp_path, chest_xray):
+  root = tmp_path / 'tree'
+  for split in ('train', 'test'):
+    for cls in ('NORMAL', 'PNEUMONIA'):
+      (root / split / cls).mkdir(parents=True)
+      for f in sorted((chest_xray / split / cls).iterdir())[:4]:
+        (root / split / cls / f.name).write_bytes(f.read_bytes())
+  victim = sorted((root / 'train' / 'PNEUMONIA').iterdir())[0]
+  victim.write_bytes(victim.read_bytes()[:500])
+  return root, victim.name
+
+
+BAD_INPUTS = {
+  'missing path': (lambda tmp, cx: ['--config.data.path=/no/such/file.npz'], "'/no/such/file.npz': no such file"),
+  'npz without key': (
+    lambda tmp, cx: [f'--config.data.path={_bad_npz(tmp, lambda a: a.pop("train_labels"))}'],
+    'missing key train_labels',
+  ),
+  'npz wrong shape': (
+    lambda tmp, cx: [
+      f'--config.data.path={_bad_npz(tmp, lambda a: a.update(val_images=a["val_images"][:, :, :, None, None]))}'
+    ],
+    'val_images: shape',
+  ),
+  'labels out of range': (
+    lambda tmp, cx: [
+      f'--config.data.path={_bad_npz(tmp, lambda a: a.update(test_labels=a["test_labels"] + 7))}',
+      '--config.data.num_classes=2',
+    ],
+    'test_labels: labels range',
+  ),
+  'corrupt jpeg': (
+    lambda tmp, cx: [f'--config.data.path={_corrupt_tree(tmp, cx)[0]}', f'--config.data.cache_dir={tmp / "c"}'],
+    'unreadable image',
+  ),
+  'unknown config key': (
+    lambda tmp, cx: ['--config.data.pth=x'],
+    "unknown config key 'data.pth'; did you mean data.path",
+  ),
+  'mistyped value': (lambda tmp, cx: ['--config.num_epochs=many'], 'num_epochs'),
+  'bad profile': (lambda tmp, cx: [], 'expected one of full, cpu, smoke'),
+  'batch vs devices': (
+    lambda tmp, cx: ['--config.batch_size=30'],
+    'batch_size=30: expected a multiple of the 8 devices',
+  ),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_no_outputs(case, tmp_path, chest_xray):
+  make_args, fragment = BAD_INPUTS[case]
+  wd = tmp_path / 'out'
+  config = '--config=configs/baseline.py:turbo' if case == 'bad profile' else '--config=configs/baseline.py:smoke'
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'} if case == 'batch vs devices' else None
+  r = run_cli([config, f'--workdir={wd}', *make_args(tmp_path, chest_xray)], env=env)
+  assert r.returncode == 2, r.stderr[-2000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith('cxrjax: error:')]
+  assert len(errors) == 1, r.stderr[-2000:]
+  assert fragment in errors[0], errors[0]
+  assert 'Traceback' not in r.stderr
+  assert not wd.exists() or not os.listdir(wd), 'no outputs may be written for bad input'

@@ -1,0 +1,74 @@
+"""Configs: every experiment file loads in every profile and validates; bad values are named."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cxrjax import config_lib
+from cxrjax.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+
+
+def load(path: Path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize('profile', [None, 'cpu', 'smoke'])
+def test_every_config_finalizes(path, profile):
+  config = config_lib.finalize(load(path, profile))
+  assert config.profile == (profile or 'full')
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_config_docstring_has_run_command(path):
+  text = path.read_text()
+  assert 'python -m cxrjax.' in text.split('"""')[1], f'{path.name}: docstring must hold the run command'
+
+
+def test_unknown_profile_is_named():
+  with pytest.raises(UserError, match="'fast'"):
+    config_lib.with_profile(config_lib.base_config(), 'fast')
+
+
+@pytest.mark.parametrize(
+  'key,value,fragment',
+  [
+    ('imbalance.ratio', 0.5, 'imbalance.ratio'),
+    ('rebalance.target_ratio', 1.5, 'rebalance.target_ratio'),
+    ('data.image_size', 4, 'data.image_size'),
+    ('model.name', 'vgg', 'model.name'),
+    ('batch_size', 0, 'batch_size'),
+    ('data.source', 'web', 'data.source'),
+  ],
+)
+def test_bad_values_are_named(key, value, fragment):
+  config = config_lib.base_config()
+  node = config
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(UserError, match=fragment.replace('.', r'\.')):
+    config_lib.finalize(config)
+
+
+def test_finalized_config_rejects_new_keys():
+  config = config_lib.finalize(config_lib.base_config())
+  with pytest.raises(AttributeError):
+    config.data.pth = 'x'
+
+
+def test_config_hash_ignores_runtime_keys_only():
+  a = config_lib.base_config()
+  b = config_lib.base_config()
+  b.log_every_steps = 999
+  b.data.num_threads = 1
+  assert config_lib.config_hash(a) == config_lib.config_hash(b)
+  b.seed = 1
+  assert config_lib.config_hash(a) != config_lib.config_hash(b)
