@@ -71,3 +71,21 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def save_tree(path: str, tree) -> None:
+  """Saves one pytree to `path` (replacing it), synchronously and atomically."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), tree, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_tree(path: str, abstract_tree=None):
+  """Restores a pytree saved by `save_tree` (onto `abstract_tree`'s shapes/shardings if given)."""
+  if not os.path.isdir(path):
+    raise UserError(f'{path}: no saved model here')
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    return ckptr.restore(os.path.abspath(path), abstract_tree)
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path}: saved variables do not fit the model ({str(e).splitlines()[0][:160]})') from e

@@ -23,13 +23,13 @@ import ml_collections
 from cxrjax.errors import UserError
 
 PROFILES = ('full', 'cpu', 'smoke')
-TRAINERS = ('classifier',)
+TRAINERS = ('classifier', 'gan', 'ldm')
 SOURCES = ('auto', 'npz', 'folder', 'tfds', 'phantom')
-MODELS = ('resnet18',)
+MODELS = ('resnet18', 'efficientnet_v2_b0', 'efficientnet_v2_s')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'constant')
 LOSSES = ('ce', 'focal')
-REBALANCE_METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augment')
+REBALANCE_METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augment', 'synthetic')
 SELECT_METRICS = (
   'auroc',
   'auprc',
@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainer = 'classifier'
   c.seed = 0
   c.profile = 'full'
+  c.generator_tag = ''  # names the synthetic set (default: the trainer name)
   c.overwrite = False  # reuse a workdir made with another config (set by --overwrite)
 
   c.data = ml_collections.ConfigDict()
@@ -88,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = ml_collections.ConfigDict(
     dict(
       enabled=True,
-      crop_pad=2,  # random crop after edge padding by this many pixels
+      crop_pad=2,  # random crop after padding by this many pixels
+      pad_mode='edge',  # 'edge' or 'zero' (black, as torchvision's RandomCrop(padding=...))
       rotate_deg=5.0,
       scale=0.05,
       translate=0.0,
@@ -108,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rebalance.weighting = 'inverse'  # class_weights: 'inverse' or 'effective' (Cui et al.)
   c.rebalance.beta = 0.999  # effective-number weighting
   c.rebalance.smote_k = 5  # SMOTE neighbours
+  c.rebalance.synthetic = ''  # 'synthetic': 'path[:weight],...' (set by the generative pipelines)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'ce'
@@ -117,8 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'resnet18'
   c.model.width = 64  # ResNet base width; 64 is the published network
-  c.model.stem = 'auto'  # 'cifar' (3x3, no pool) below 128 px, else 'imagenet'
+  c.model.width_mult = 1.0  # EfficientNetV2 width multiplier (1.0: published)
+  c.model.depth_mult = 1.0  # EfficientNetV2 depth multiplier (1.0: published)
+  c.model.drop_path_rate = 0.2  # EfficientNetV2 stochastic depth
+  c.model.stem = 'auto'  # 'cifar': full resolution stem for small images; 'imagenet': stride 2 (4 for ResNet)
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
+  c.model.ema_decay = 0.0  # > 0: validate and test an exponential moving average of the weights
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adam'
@@ -138,6 +145,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch
 
+  c.ldm = ml_collections.ConfigDict()  # latent diffusion (trainer 'ldm')
+  c.ldm.mode = 'sample'  # 'sample': from noise; 'img2img': majority image -> minority label
+  c.ldm.strength = 0.6  # img2img: how far the source is noised (0: unchanged, 1: pure noise)
+  c.ldm.source_class = -1  # img2img source class (-1: the largest class)
+  c.ldm.schedule = 'linear'  # 'linear' or 'cosine'
+  c.ldm.num_timesteps = 1000
+  c.ldm.prediction = 'eps'  # 'eps' or 'v'
+  c.ldm.label_dropout = 0.1  # classifier-free guidance training
+  c.ldm.guidance_scale = 2.0  # 1: the conditional model; > 1 stronger class signal
+  c.ldm.sample_steps = 50  # DDIM steps
+  c.ldm.eta = 0.0  # 0: deterministic DDIM
+  c.ldm.sample_batch = 256
+  c.ldm.log_every = 50
+  c.ldm.checkpoint_every = 500
+  c.ldm.sample_every = 1000
+  c.ldm.ae = ml_collections.ConfigDict(
+    dict(base_channels=64, channel_mults=(1, 2), latent_channels=4, num_res_blocks=1, kl_weight=1e-6,
+         lr=1e-3, steps=3000, batch_size=64)
+  )  # fmt: skip
+  c.ldm.unet = ml_collections.ConfigDict(
+    dict(base_channels=64, channel_mults=(1, 2), num_res_blocks=2, attention_levels=(-1,), num_heads=4,
+         dropout=0.0, lr=2e-4, warmup_steps=200, steps=10000, batch_size=64, ema_decay=0.999)
+  )  # fmt: skip
+
+  c.quality = ml_collections.ConfigDict()  # generator quality (FID/KID/PR/memorization)
+  c.quality.reference_dir = ''  # reference feature network; default: beside the workdir, shared
+  c.quality.reference_width = 16
+  c.quality.reference_epochs = 8
+  c.quality.num_pairs = 8  # closest generated/train pairs shown
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 fills with the devices left over
   c.mesh.fsdp = 1
@@ -153,15 +190,35 @@ def with_profile(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
   config.profile = profile
   if profile == 'cpu':
     config.model.width = 16
+    config.model.width_mult = 0.5
   elif profile == 'smoke':
     config.model.width = 4
+    config.model.width_mult = 0.25
+    config.model.depth_mult = 0.25
     config.num_epochs = 1
     config.batch_size = 32
     config.eval_batch_size = 128
     config.data.limit_train = 320
     config.data.limit_eval = 128
     config.log_every_steps = 5
+    config.quality.reference_width = 4
+    config.quality.reference_epochs = 1
+  _generator_profile(config, profile)
   return config
+
+
+def _generator_profile(config: ml_collections.ConfigDict, profile: str) -> None:
+  """Generator sizes and schedules per profile (applied to every config; used by 'gan'/'ldm')."""
+  ldm = config.ldm
+  if profile == 'cpu':
+    ldm.ae.base_channels, ldm.ae.steps = 32, 1500
+    ldm.unet.base_channels, ldm.unet.steps = 32, 4000
+    ldm.sample_every = 1000
+  elif profile == 'smoke':
+    ldm.ae.base_channels, ldm.ae.steps, ldm.ae.batch_size = 8, 20, 32
+    ldm.unet.base_channels, ldm.unet.steps, ldm.unet.batch_size, ldm.unet.num_heads = 8, 20, 32, 1
+    ldm.unet.warmup_steps = 0
+    ldm.sample_steps, ldm.log_every, ldm.checkpoint_every, ldm.sample_every = 5, 10, 10, 20
 
 
 def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -233,6 +290,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(d.positive_class >= 0, 'data.positive_class', d.positive_class, '>= 0')
   a = d.augment
   _require(0 <= a.crop_pad <= d.image_size // 4, 'data.augment.crop_pad', a.crop_pad, f'in [0, {d.image_size // 4}]')
+  _one_of(config, 'data.augment.pad_mode', ('edge', 'zero'))
   _require(0 <= a.rotate_deg <= 45, 'data.augment.rotate_deg', a.rotate_deg, 'degrees in [0, 45]')
   for key in ('scale', 'translate', 'brightness', 'contrast'):
     _require(0 <= a[key] < 0.5, f'data.augment.{key}', a[key], 'in [0, 0.5)')
@@ -243,11 +301,31 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   t = config.rebalance.target_ratio
   _require(0 < t <= 1, 'rebalance.target_ratio', t, 'a minority:majority ratio in (0, 1]')
 
+  _one_of(config, 'ldm.mode', ('sample', 'img2img'))
+  _one_of(config, 'ldm.schedule', ('linear', 'cosine'))
+  _one_of(config, 'ldm.prediction', ('eps', 'v'))
+  _require(0 < config.ldm.strength <= 1, 'ldm.strength', config.ldm.strength, 'in (0, 1]')
+  _require(0 <= config.ldm.label_dropout < 1, 'ldm.label_dropout', config.ldm.label_dropout, 'in [0, 1)')
+  _require(config.ldm.guidance_scale >= 0, 'ldm.guidance_scale', config.ldm.guidance_scale, '>= 0')
+  _require(1 <= config.ldm.sample_steps <= config.ldm.num_timesteps, 'ldm.sample_steps', config.ldm.sample_steps,
+           f'in [1, ldm.num_timesteps={config.ldm.num_timesteps}]')  # fmt: skip
+  if config.trainer == 'ldm':
+    f = 2 ** (len(config.ldm.ae.channel_mults) - 1)
+    _require(config.data.image_size % f == 0, 'data.image_size', config.data.image_size,
+             f'a multiple of the autoencoder downsampling factor {f} (ldm.ae.channel_mults)')  # fmt: skip
+    lat = config.data.image_size // f
+    g = 2 ** (len(config.ldm.unet.channel_mults) - 1)
+    _require(lat % g == 0, 'ldm.unet.channel_mults', tuple(config.ldm.unet.channel_mults),
+             f'a depth whose downsampling ({g}) divides the {lat}-pixel latents')  # fmt: skip
   _require(0 < config.rebalance.beta < 1, 'rebalance.beta', config.rebalance.beta, 'in (0, 1)')
   _require(config.rebalance.smote_k >= 1, 'rebalance.smote_k', config.rebalance.smote_k, '>= 1')
   _require(config.loss.focal_gamma >= 0, 'loss.focal_gamma', config.loss.focal_gamma, '>= 0')
   _require(0 <= config.loss.label_smoothing < 1, 'loss.label_smoothing', config.loss.label_smoothing, 'in [0, 1)')
+  _require(0 <= config.model.ema_decay < 1, 'model.ema_decay', config.model.ema_decay, 'in [0, 1)')
   _require(config.model.width >= 1, 'model.width', config.model.width, '>= 1')
+  _require(0 < config.model.width_mult <= 4, 'model.width_mult', config.model.width_mult, 'in (0, 4]')
+  _require(0 < config.model.depth_mult <= 4, 'model.depth_mult', config.model.depth_mult, 'in (0, 4]')
+  _require(0 <= config.model.drop_path_rate < 1, 'model.drop_path_rate', config.model.drop_path_rate, 'in [0, 1)')
   _require(config.optim.lr > 0, 'optim.lr', config.optim.lr, '> 0')
   _require(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay, '>= 0')
   _require(config.optim.warmup_epochs >= 0, 'optim.warmup_epochs', config.optim.warmup_epochs, '>= 0')

@@ -85,8 +85,10 @@ class WorkdirLock:
   process dies, so a killed run never leaves a stale lock behind.
   """
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, '.lock')
+  def __init__(self, workdir: str, process_index: int = 0):
+    # One lock file per process of a multi-process run, so the processes of one
+    # run share the workdir while a second run is still refused.
+    self.path = os.path.join(workdir, '.lock' if process_index == 0 else f'.lock.p{process_index}')
     self._fd = None
 
   def acquire(self) -> WorkdirLock:

@@ -42,3 +42,14 @@ def test_strong_is_stronger():
   p = AugmentParams(crop_pad=2, rotate_deg=5)
   s = p.strong()
   assert s.rotate_deg > p.rotate_deg and s.noise > 0 and s.gamma > 0
+
+
+def test_zero_pad_crop_is_a_black_bordered_integer_shift():
+  img = image(3)
+  p = AugmentParams(crop_pad=2, pad_mode='zero')
+  for seed in range(10):
+    out = augment_image(img, np.random.default_rng(seed), p)
+    padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+    assert any(np.array_equal(padded[dy : dy + 28, dx : dx + 28], out) for dy in range(5) for dx in range(5)), (
+      'crop must equal some window of the zero-padded image'
+    )

@@ -19,6 +19,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
   crop_pad: int = 0
+  pad_mode: str = 'edge'  # what the crop/affine reveals beyond the border: 'edge' or 'zero' (black)
   rotate_deg: float = 0.0
   scale: float = 0.0
   translate: float = 0.0
@@ -34,6 +35,7 @@ class AugmentParams:
       return cls()
     return cls(
       crop_pad=int(cfg.crop_pad),
+      pad_mode=str(cfg.pad_mode),
       rotate_deg=float(cfg.rotate_deg),
       scale=float(cfg.scale),
       translate=float(cfg.translate),
@@ -57,13 +59,14 @@ class AugmentParams:
     )
 
 
-def _warp(img: np.ndarray, inv: np.ndarray, offset: np.ndarray) -> np.ndarray:
-  """Samples img at inv @ (out - c) + c + offset, bilinear, edges clamped. img: float [H,W,C]."""
+def _warp(img: np.ndarray, inv: np.ndarray, offset: np.ndarray, zero_fill: bool = False) -> np.ndarray:
+  """Samples img at inv @ (out - c) + c + offset, bilinear; beyond the border: edge or zero."""
   h, w, _ = img.shape
   c = np.array([(h - 1) / 2, (w - 1) / 2])
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
   pts = np.stack([yy.ravel() - c[0], xx.ravel() - c[1]])
   src = inv @ pts + (c + offset)[:, None]
+  outside = (src[0] < -1e-6) | (src[0] > h - 1 + 1e-6) | (src[1] < -1e-6) | (src[1] > w - 1 + 1e-6)
   sy = np.clip(src[0], 0, h - 1)
   sx = np.clip(src[1], 0, w - 1)
   y0 = np.floor(sy).astype(np.int64)
@@ -78,6 +81,8 @@ def _warp(img: np.ndarray, inv: np.ndarray, offset: np.ndarray) -> np.ndarray:
     + img[y1, x0] * wy * (1 - wx)
     + img[y1, x1] * wy * wx
   )
+  if zero_fill:
+    out[outside] = 0.0
   return out.reshape(img.shape)
 
 
@@ -96,7 +101,7 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, p: AugmentParams)
       shift += rng.uniform(-p.translate, p.translate, 2) * np.array([h, w])
     if p.crop_pad:
       shift += rng.integers(-p.crop_pad, p.crop_pad + 1, 2)
-    out = _warp(image.astype(np.float32), inv, -shift)
+    out = _warp(image.astype(np.float32), inv, -shift, zero_fill=p.pad_mode == 'zero')
   if p.hflip and rng.random() < 0.5:
     out = out[:, ::-1]
   photometric = p.brightness or p.contrast or p.gamma or p.noise

@@ -20,7 +20,12 @@ def stratified_cap(labels: np.ndarray, limit: int, rng: np.random.Generator) -> 
   if limit <= 0 or limit >= n:
     return np.arange(n)
   classes, counts = np.unique(labels, return_counts=True)
-  quota = np.maximum(np.floor(counts / n * limit).astype(int), 1)
+  # Largest-remainder allocation: quotas sum to exactly `limit`.
+  exact = counts / n * limit
+  quota = np.floor(exact).astype(int)
+  for i in np.argsort(-(exact - quota), kind='stable')[: limit - quota.sum()]:
+    quota[i] += 1
+  quota = np.maximum(quota, 1)
   keep = []
   for c, q in zip(classes, quota):
     idx = np.flatnonzero(labels == c)

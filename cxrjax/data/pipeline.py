@@ -138,3 +138,51 @@ def eval_batches(split: Split, global_batch: int, process_index: int = 0, proces
     idx = np.where(mask, idx, 0)
     idx, mask = idx[lo : lo + local], mask[lo : lo + local]
     yield split.images[idx], split.labels[idx], mask
+
+
+def split_batches(
+  split: Split,
+  *,
+  global_batch: int,
+  total_steps: int,
+  seed: int,
+  start_step: int,
+  augment: AugmentParams | None = None,
+  num_threads: int = 1,
+  prefetch: int = 4,
+) -> Iterator[dict]:
+  """`total_steps` shuffled batches of a whole split (for generator training), from `start_step`.
+
+  Raises:
+    UserError: the split has fewer images than one batch.
+  """
+  n = len(split)
+  if n < global_batch:
+    raise UserError(f'{n} training images for a generator batch of {global_batch}; lower the batch size')
+  ts = TrainingSet(
+    split, np.arange(n), np.zeros(n, bool), np.full(n, 'real'), np.ones(int(split.labels.max()) + 1, np.float32), 'none'
+  )
+  spe = n // global_batch
+  epochs = -(-total_steps // spe)
+  ds = make_train_dataset(
+    ts,
+    global_batch=global_batch,
+    num_epochs=epochs,
+    seed=seed,
+    augment=augment or AugmentParams(),
+    process_index=_process_index(),
+    process_count=_process_count(),
+  )
+  return train_iterator(ds, start_step, num_threads=num_threads, prefetch=prefetch)
+
+
+def _process_index() -> int:
+  import jax  # noqa: PLC0415 - the pipeline itself does not need JAX
+
+  return jax.process_index()
+
+
+def _process_count() -> int:
+  import jax  # noqa: PLC0415
+
+  return jax.process_count()

@@ -15,7 +15,9 @@ Methods (`config.rebalance.method`):
   oversample     repeat random minority rows (with replacement) up to it
   smote          add minority interpolations between k-nearest neighbours
   augment        like oversample, but the repeats get strong augmentation
-Generative methods add their samples through `extra` (see `add_extra`).
+  synthetic      fill minority classes with generator samples read from the
+                 synthetic sets in `rebalance.synthetic` ('path[:weight],...'),
+                 mixed in proportion to the weights (DCGAN, cDCGAN, LDM, mixes)
 `rebalance.target_ratio` is minority:majority after rebalancing (1.0: equal).
 """
 
@@ -30,7 +32,7 @@ from cxrjax import seeding
 from cxrjax.data.dataset import Split, concat
 from cxrjax.errors import UserError
 
-METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augment')
+METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augment', 'synthetic')
 
 
 @dataclasses.dataclass
@@ -195,6 +197,26 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> 
       strong = np.concatenate([strong, np.zeros(len(part), bool)])
     plan = np.arange(len(pool), dtype=np.int64)
     details['smote_k'] = int(rebalance.smote_k)
+  elif method == 'synthetic':
+    from cxrjax.data import synthetic  # noqa: PLC0415 - avoids an import cycle
+
+    targets = _targets_up(counts, rebalance.target_ratio)
+    sources = []
+    for path, weight in synthetic.parse_sources(rebalance.synthetic):
+      split, prov = synthetic.load(path)
+      prov = dict(prov, path=path)
+      sources.append((split, prov, weight))
+    needed = {c: int(targets[c] - counts[c]) for c in range(num_classes)}
+    extra, origins, summary = synthetic.draw(sources, needed, train.images.shape[1:], rng)
+    if extra is not None:
+      pool = concat(pool, extra)
+      origin = np.concatenate([origin, origins.astype(object)])
+      strong = np.concatenate([strong, np.zeros(len(extra), bool)])
+    plan = np.arange(len(pool), dtype=np.int64)
+    details['synthetic'] = dict(
+      sources=[dict(path=p['path'], weight=w, tag=p.get('tag'), generator=p.get('generator')) for _, p, w in sources],
+      drawn=summary,
+    )
   ts = TrainingSet(pool, plan, strong, origin.astype(str), weights, method, details)
   ts.details['target_ratio'] = float(rebalance.target_ratio) if method not in ('none', 'class_weights') else None
   return ts

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
@@ -124,10 +125,9 @@ def data_section(data: dict) -> list[str]:
 
 
 def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
-  """metrics.json, report.md, confusion matrices and training curves."""
+  """Figures, report.md, then metrics.json: written last, it marks the run complete."""
   phantom = record['phantom']
   tag = 'PHANTOM DATA - ' if phantom else ''
-  fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), record)
   test = record['test']
   main_key = 'youden' if 'youden' in test else 'threshold_0.5'
   plot_confusion(
@@ -175,3 +175,96 @@ def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
   lines += ['## Figures', '', '![confusion matrix](confusion.png)', '', '![training curves](curves.png)', '']
   lines += ['## Versions', '', ', '.join(f'{k} {v}' for k, v in run['versions'].items()), '']
   fileio.atomic_write_text(os.path.join(workdir, 'report.md'), '\n'.join(lines))
+  fileio.atomic_write_json(os.path.join(workdir, 'metrics.json'), record)
+
+
+def image_grid(images: np.ndarray, nrow: int) -> np.ndarray:
+  """uint8 [N,H,W,C] -> one uint8 [rows*H, nrow*W, C] tile image (1-pixel gaps)."""
+  n, h, w, c = images.shape
+  rows = (n + nrow - 1) // nrow
+  out = np.full((rows * (h + 1) - 1, nrow * (w + 1) - 1, c), 255, np.uint8)
+  for i in range(n):
+    r, q = divmod(i, nrow)
+    out[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = images[i]
+  return out
+
+
+def save_image_grid(images: np.ndarray, path: str, nrow: int = 8, title: str = '') -> None:
+  grid = image_grid(images, nrow)
+  fig, ax = plt.subplots(figsize=(min(1.0 * nrow, 12), min(1.0 * nrow, 12) * grid.shape[0] / grid.shape[1] + 0.4))
+  ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap='gray', vmin=0, vmax=255)
+  ax.axis('off')
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fileio.atomic_savefig(fig, path, dpi=120)
+  plt.close(fig)
+
+
+def real_vs_synthetic_grid(train, syn, class_names, path: str, phantom: bool = False, per_class: int = 16) -> None:
+  """Rows of real training images and synthetic images for each synthesized class."""
+  classes = sorted(set(syn.labels.tolist()))
+  if not classes:
+    return
+  fig, axes = plt.subplots(len(classes), 2, figsize=(10, 2.6 * len(classes)), squeeze=False)
+  for row, c in enumerate(classes):
+    real = train.images[train.labels == c][:per_class]
+    fake = syn.images[syn.labels == c][:per_class]
+    for col, (imgs, label) in enumerate(((real, 'real'), (fake, 'synthetic'))):
+      grid = image_grid(imgs, 8)
+      axes[row, col].imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap='gray', vmin=0, vmax=255)
+      axes[row, col].set_title(f'{"PHANTOM " if phantom else ""}{label}: {class_names[c]}', fontsize=9)
+      axes[row, col].axis('off')
+  fig.tight_layout()
+  fileio.atomic_savefig(fig, path, dpi=120)
+  plt.close(fig)
+
+
+def generative_report(record: dict, class_names) -> str:
+  """report.md of a generative run: generator, sample quality, classifier metrics."""
+  phantom = record['phantom']
+  tag = 'PHANTOM DATA - ' if phantom else ''
+  run, gen, q = record['run'], record['generator'], record['generator_quality']
+  lines = [f'# {tag}Generative oversampling report ({record["kind"]})', '']
+  if phantom:
+    lines += [PHANTOM_BANNER, '']
+  lines += [
+    f'- Command: `{run["command"]}`',
+    f'- Config hash `{run["config_hash"]}`, profile `{run["profile"]}`, seed {run["seed"]}, commit `{run["cxrjax_commit"]}`',
+    f'- Generator: {gen.get("description", gen.get("kind"))}; trained {gen.get("step")} steps,'
+    f' {gen.get("wall_time_s", 0):.0f} s',
+    f'- Synthetic set: {record["synthetic"]["count"]} images, `{record["synthetic"]["path"]}`',
+    '',
+  ]
+  lines += data_section(record['data'])
+  lines += ['', '## Synthetic image quality', '', f'Features: {q["features"]["network"]}'
+            f' (width {q["features"]["width"]}, test AUROC {q["features"]["reference_test_auroc"]:.3f}), `{q["features"]["path"]}`', '']  # fmt: skip
+  lines += ['| class | n gen | FID | FID real-vs-real | KID (x1e3) | precision | recall | density | coverage | memorized (pixel) | memorized (feature) | exact copies |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|']  # fmt: skip
+  for name, s in q['per_class'].items():
+    mem = s.get('memorization') or {}
+    pix = (mem.get('pixel') or {}).get('share_closer')
+    feat = (mem.get('features') or {}).get('share_closer')
+    lines.append(
+      f'| {name} | {s["num_generated"]} | {fmt(s["fid"], 2)} | {fmt(s["fid_real_seen_vs_real_all"], 2)} |'
+      f' {fmt(1e3 * s["kid"]["mean"], 2)} | {fmt(s["precision"])} | {fmt(s["recall"])} | {fmt(s["density"])} |'
+      f' {fmt(s["coverage"])} | {fmt(pix)} | {fmt(feat)} | {mem.get("exact_copies", "-")} |'
+    )
+  lines += [
+    '',
+    'FID/KID/precision/recall compare the synthetic images with all real training images of the class;'
+    ' "FID real-vs-real" is the FID between the images the generator saw and all real images of the class,'
+    ' a floor for this sample size. "Memorized" is the share of synthetic images closer to their nearest'
+    ' training image than 95% of training images are to theirs (about 0.05 when nothing is copied).',
+    '',
+  ]
+  for name, s in q['per_class'].items():
+    lines.append(f'![closest pairs {name}]({s["pairs_png"]})')
+  lines += ['', '![real vs synthetic](real_vs_synthetic.png)', '']
+  if gen.get('samples_png'):
+    lines += [f'![generator samples]({gen["samples_png"]})', '']
+  test = record['test']
+  lines += ['## Classifier on real + synthetic (tested on real images only)', '']
+  rows = {f'test @ {key}': m for key, m in test.items()}
+  lines += [metrics_table(rows), '', 'Full classifier report: [classifier/report.md](classifier/report.md)', '']
+  return '\n'.join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from cxrjax.models import resnet
+from cxrjax.models import efficientnet_v2, resnet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -16,7 +16,29 @@ def _resnet18(model_config, num_classes: int, image_shape):
   return resnet.resnet18(num_classes, model_config.width, stem, DTYPES[model_config.dtype])
 
 
-CLASSIFIERS = {'resnet18': _resnet18}
+def _efficientnet_v2(variant: str):
+  def build(model_config, num_classes: int, image_shape):
+    stem = model_config.stem
+    if stem == 'auto':
+      stem = 'imagenet' if image_shape[0] > 64 else 'cifar'
+    return efficientnet_v2.efficientnet_v2(
+      num_classes,
+      variant=variant,
+      width=model_config.width_mult,
+      depth=model_config.depth_mult,
+      stem_stride=2 if stem == 'imagenet' else 1,  # keep resolution for small images
+      dtype=DTYPES[model_config.dtype],
+      drop_path_rate=model_config.drop_path_rate,
+    )
+
+  return build
+
+
+CLASSIFIERS = {
+  'resnet18': _resnet18,
+  'efficientnet_v2_b0': _efficientnet_v2('b0'),
+  'efficientnet_v2_s': _efficientnet_v2('s'),
+}
 
 
 def build_classifier(model_config, num_classes: int, image_shape):

@@ -168,7 +168,7 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.lock = fileio.WorkdirLock(self.workdir)
+    self.lock = fileio.WorkdirLock(self.workdir, jax.process_index())
     self.writer: progress.MetricWriter | None = None
     self.t_start = time.time()
 
@@ -202,7 +202,7 @@ class Run:
     if jax.process_index() != 0:
       return
     for name in os.listdir(self.workdir):
-      if name == '.lock':
+      if name.startswith('.lock'):
         continue
       p = os.path.join(self.workdir, name)
       shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
@@ -214,6 +214,18 @@ class Run:
     if self.writer is not None:
       self.writer.close()
     self.lock.release()
+
+
+def completed_record(run: Run) -> dict | None:
+  """The metrics record of a finished run with the same config (the stage is then skipped)."""
+  path = run.path('metrics.json')
+  if not os.path.isfile(path):
+    return None
+  record = fileio.read_json(path)
+  if record.get('run', {}).get('config_hash') != config_lib.config_hash(run.config):
+    return None
+  progress.log(f'{run.workdir}: already complete (metrics.json, same config); skipping')
+  return record
 
 
 def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,22 @@
+"""Fault injection for crash-safety tests: SIGKILL the process at a named point.
+
+`CXRJAX_FAULT='checkpoint-save@20'` kills the run right after the checkpoint of
+step 20 was started (while orbax may still be writing it); `train-step@7`
+after step 7; `final-eval` after the predictions were written but before the
+metrics. Unset in normal use; the check is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def maybe_fail(point: str, step: int | None = None) -> None:
+  spec = os.environ.get('CXRJAX_FAULT')
+  if not spec:
+    return
+  for item in spec.split(','):
+    name, _, at = item.strip().partition('@')
+    if name == point and (not at or (step is not None and int(at) == int(step))):
+      os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,64 @@
+"""Run in a subprocess with 8 forced CPU devices: sharded vs single-device classifier steps.
+
+Prints one JSON line: per mesh, the losses of each step and the final parameters' max
+abs difference from the single-device run.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+
+import cxrjax  # noqa: F401
+from cxrjax import config_lib
+from cxrjax import mesh as mesh_lib
+from cxrjax.models import resnet
+from cxrjax.trainers import classifier
+
+
+def run(mesh_shape, images, labels, steps, fsdp_min_size, devices):
+  mesh = mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict(dict(data=mesh_shape[0], fsdp=mesh_shape[1])), devices)
+  model = resnet.resnet18(2, width=8, stem='cifar')
+  tx = optax.sgd(0.01, momentum=0.9)
+  cfg = config_lib.base_config().loss
+  init = lambda rng: classifier.create_state(model, tx, images.shape[1:], rng)  # noqa: E731
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  step_fn = jax.jit(
+    classifier.make_train_step(model, tx, cfg),
+    in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
+    out_shardings=(state_sh, mesh_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  sharded_leaves = sum(1 for s in jax.tree.leaves(state_sh) if s.spec != jax.sharding.PartitionSpec())
+  losses = []
+  for i in range(steps):
+    sl = slice(16 * i, 16 * (i + 1))
+    batch = mesh_lib.to_global({'image': images[sl], 'label': labels[sl], 'weight': np.ones(16, np.float32)}, mesh)
+    state, m = step_fn(state, batch, jax.random.key(1))
+    losses.append(float(m['loss']))
+  params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  return losses, params, sharded_leaves
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  with np.load(os.path.join(os.environ['CXRJAX_DATA_DIR'], 'pneumoniamnist.npz')) as z:
+    images = z['train_images'][:48, :, :, None]
+    labels = z['train_labels'][:48, 0].astype(np.int32)
+  ref_losses, ref_params, _ = run((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
+  out = {'single': {'losses': ref_losses}}
+  for name, shape in (('data8', (8, 1)), ('fsdp', (2, 4))):
+    losses, params, n_sharded = run(shape, images, labels, 3, 256, jax.devices())
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params))
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_params))
+    out[name] = {'losses': losses, 'max_param_diff': max(diffs), 'param_scale': scale, 'sharded_leaves': n_sharded}
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  sys.exit(main())
