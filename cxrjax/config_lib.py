@@ -52,6 +52,7 @@ RUNTIME_KEYS = (
   'data.cache_dir',
   'checkpoint_every_steps',
   'overwrite',
+  'generator_dir',
 )
 
 
@@ -62,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.profile = 'full'
   c.generator_tag = ''  # names the synthetic set (default: the trainer name)
+  c.generator_seed = -1  # seeds generator training; -1: config.seed
+  c.generator_dir = ''  # where the generator is trained/stored; default workdir/generator (a sweep shares it)
   c.overwrite = False  # reuse a workdir made with another config (set by --overwrite)
 
   c.data = ml_collections.ConfigDict()
@@ -103,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.imbalance = ml_collections.ConfigDict()
   c.imbalance.minority_class = 1  # pneumonia, as in the poster
   c.imbalance.ratio = 3.0  # majority:minority in train; 0 keeps the split
+  c.imbalance.seed = -1  # which images are dropped; -1: config.seed (a sweep fixes it: same data for all)
 
   c.rebalance = ml_collections.ConfigDict()
   c.rebalance.method = 'none'
@@ -144,6 +148,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.select_metric = 'auroc'  # on validation; picks the checkpoint that is tested
   c.log_every_steps = 20
   c.checkpoint_every_steps = 0  # 0: at the end of every epoch
+
+  c.gan = ml_collections.ConfigDict()  # DCGAN / cDCGAN (trainer 'gan')
+  c.gan.conditional = False  # False: one DCGAN per minority class (the poster's DCGAN)
+  c.gan.alpha = 0.5  # cDCGAN: P(a generated training label is 0, "healthy")
+  c.gan.latent_dim = 100
+  c.gan.g_width = 64  # ngf
+  c.gan.d_width = 64  # ndf
+  c.gan.upsample = 'transpose'  # 'transpose' (custom-VJP, fast on CPU), 'resize', 'transpose_xla'
+  c.gan.d_norm = 'batch'  # 'batch' or 'none'
+  c.gan.steps = 6000
+  c.gan.batch_size = 64
+  c.gan.lr_g = 2e-4
+  c.gan.lr_d = 2e-4
+  c.gan.b1 = 0.5
+  c.gan.b2 = 0.999
+  c.gan.ema_decay = 0.999
+  c.gan.diffaugment = ''  # e.g. 'color,translation,cutout'
+  c.gan.r1_gamma = 0.0  # R1 penalty weight on real images (0: off)
+  c.gan.collapse_margin = 0.01  # D(real) > 1 - m and D(fake) < m counts as D winning completely
+  c.gan.collapse_patience = 20  # ... for this many reports in a row stops the run
+  c.gan.log_every = 50
+  c.gan.checkpoint_every = 500
+  c.gan.sample_every = 1000
+  c.gan.synth_batch = 256
 
   c.ldm = ml_collections.ConfigDict()  # latent diffusion (trainer 'ldm')
   c.ldm.mode = 'sample'  # 'sample': from noise; 'img2img': majority image -> minority label
@@ -209,12 +237,15 @@ def with_profile(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
 
 def _generator_profile(config: ml_collections.ConfigDict, profile: str) -> None:
   """Generator sizes and schedules per profile (applied to every config; used by 'gan'/'ldm')."""
-  ldm = config.ldm
+  gan, ldm = config.gan, config.ldm
   if profile == 'cpu':
+    gan.g_width, gan.d_width, gan.steps = 32, 32, 3000
     ldm.ae.base_channels, ldm.ae.steps = 32, 1500
     ldm.unet.base_channels, ldm.unet.steps = 32, 4000
     ldm.sample_every = 1000
   elif profile == 'smoke':
+    gan.g_width, gan.d_width, gan.steps, gan.batch_size = 8, 8, 20, 32
+    gan.log_every, gan.checkpoint_every, gan.sample_every = 10, 10, 20
     ldm.ae.base_channels, ldm.ae.steps, ldm.ae.batch_size = 8, 20, 32
     ldm.unet.base_channels, ldm.unet.steps, ldm.unet.batch_size, ldm.unet.num_heads = 8, 20, 32, 1
     ldm.unet.warmup_steps = 0
@@ -239,6 +270,35 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     node.pop(leaf, None)
   blob = json.dumps(d, sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def data_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the imbalance protocol (which training images are kept)."""
+  return config.imbalance.seed if config.imbalance.seed >= 0 else config.seed
+
+
+def generator_seed(config: ml_collections.ConfigDict) -> int:
+  return config.generator_seed if config.generator_seed >= 0 else config.seed
+
+
+# Fields that only change how a trained generator is sampled, not how it is trained.
+SYNTHESIS_ONLY = ('ldm.mode', 'ldm.strength', 'ldm.source_class', 'ldm.guidance_scale', 'ldm.sample_steps',
+                  'ldm.eta', 'ldm.sample_batch', 'gan.synth_batch', 'gan.sample_every', 'ldm.sample_every')  # fmt: skip
+
+
+def generator_hash(config: ml_collections.ConfigDict) -> str:
+  """Hash of what determines a trained generator: data, protocol, generator settings and seed."""
+  d = json.loads(config.to_json_best_effort(sort_keys=True))
+  for key in SYNTHESIS_ONLY:
+    section, leaf = key.split('.')
+    d.get(section, {}).pop(leaf, None)
+  for key in ('data.num_workers', 'data.num_threads', 'data.prefetch', 'data.cache_dir', 'data.limit_eval'):
+    d['data'].pop(key.split('.')[1], None)
+  keep = dict(
+    trainer=d['trainer'], data=d['data'], imbalance=d['imbalance'], model_dtype=d['model']['dtype'],
+    generator=d.get(d['trainer'], {}), seed=generator_seed(config), data_seed=data_seed(config), mesh=d['mesh'],
+  )  # fmt: skip
+  return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _require(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -301,6 +361,17 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   t = config.rebalance.target_ratio
   _require(0 < t <= 1, 'rebalance.target_ratio', t, 'a minority:majority ratio in (0, 1]')
 
+  _one_of(config, 'gan.upsample', ('transpose', 'resize', 'transpose_xla'))
+  _one_of(config, 'gan.d_norm', ('batch', 'none'))
+  _require(0 < config.gan.alpha < 1, 'gan.alpha', config.gan.alpha, 'a probability in (0, 1)')
+  for op in [p for p in config.gan.diffaugment.split(',') if p]:
+    _require(op in ('color', 'translation', 'cutout'), 'gan.diffaugment', config.gan.diffaugment,
+             'a comma-separated subset of color, translation, cutout')  # fmt: skip
+  _require(config.gan.r1_gamma >= 0, 'gan.r1_gamma', config.gan.r1_gamma, '>= 0')
+  _require(config.gan.steps >= 1, 'gan.steps', config.gan.steps, '>= 1')
+  if config.trainer == 'gan':
+    _require(config.data.image_size in (28, 32, 64, 128), 'data.image_size', config.data.image_size,
+             'one of 28, 32, 64, 128 for the DCGAN')  # fmt: skip
   _one_of(config, 'ldm.mode', ('sample', 'img2img'))
   _one_of(config, 'ldm.schedule', ('linear', 'cosine'))
   _one_of(config, 'ldm.prediction', ('eps', 'v'))

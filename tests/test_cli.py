@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+
 from conftest import run_cli
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrjax import config_lib
+from cxrjax import config_lib, sweep
 from cxrjax.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
@@ -21,7 +21,14 @@ def load(path: Path, arg=None):
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 @pytest.mark.parametrize('profile', [None, 'cpu', 'smoke'])
 def test_every_config_finalizes(path, profile):
-  config = config_lib.finalize(load(path, profile))
+  config = load(path, profile)
+  if 'experiment' in config:  # a sweep: its template experiment and every method's config
+    for method in sweep.methods_of(config):
+      for seed in config.seeds:
+        c = sweep.method_config(config, method, seed, '/tmp/sweep')
+        assert c.profile == (profile or 'full') and c.imbalance.seed == config.data_seed
+    return
+  config = config_lib.finalize(config)
   assert config.profile == (profile or 'full')
 
 

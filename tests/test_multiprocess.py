@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import ROOT, data_dir, run_cli
 
 pytestmark = pytest.mark.multidevice

@@ -19,8 +19,9 @@ Variants (generator upsampling / discriminator downsampling):
 Compile time is `jit(step).lower(...).compile()`; a warm-up step follows and
 is not timed; then `--reps` timed repetitions of enough steps to last about
 `--rep_seconds` each; images/s is batch / median step time. PyTorch (eager,
-same architecture and step, both memory formats, the faster one reported)
-runs when torch is installed. On a shared machine the numbers move with the
+same architecture and step, NCHW and channels_last, the fastest marked)
+runs when torch is installed, with all threads and with one (OpenMP stalls at every
+barrier when another process holds a core). On a shared machine the numbers move with the
 load: the load average is printed before and after, and repeating the run is
 the way to tell noise from differences.
 """
@@ -153,7 +154,10 @@ def torch_models(size: int, channels: int, width: int):
   return gen, nn.Sequential(*layers)
 
 
-def bench_torch(size: int, batch: int, channels: int, width: int, reps: int, rep_seconds: float, channels_last: bool):
+def bench_torch(
+  size: int, batch: int, channels: int, width: int, reps: int, rep_seconds: float, channels_last: bool, threads: int
+):
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
   gen, disc = torch_models(size, channels, width)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -208,6 +212,7 @@ def main(argv=None):
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {os.getloadavg()[0]:.1f}')  # fmt: skip
   print(f'batch {args.batch}, channels {args.channels}, ngf=ndf={args.width}, {args.reps} timed repetitions (median)')
+  torch_threads = torch.get_num_threads() if torch is not None else 0
   print(f'{"px":>4}  {"variant":22s} {"images/s":>9}  {"[min-max]":>15}  {"ms/step":>9}  {"compile s":>9}')
   for size in (int(s) for s in args.sizes.split(',')):
     for v in variants:
@@ -215,16 +220,21 @@ def main(argv=None):
       _row(size, f'jax {v}', args.batch, per_step, compile_s)
     if args.torch and torch is not None:
       results = {}
-      for cl in (False, True):
-        results[cl] = bench_torch(size, args.batch, args.channels, args.width, args.reps, args.rep_seconds, cl)
-      best = min(results, key=lambda cl: statistics.median(results[cl]))
-      for cl in (False, True):
-        mark = ' *' if cl == best else ''
-        _row(size, f'torch eager {"NHWC" if cl else "NCHW"}{mark}', args.batch, results[cl])
+      for threads in sorted({torch_threads, 1}, reverse=True):
+        for cl in (False, True):
+          results[threads, cl] = bench_torch(
+            size, args.batch, args.channels, args.width, args.reps, args.rep_seconds, cl, threads
+          )
+      best = min(results, key=lambda k: statistics.median(results[k]))
+      for (threads, cl), per_step in results.items():
+        mark = ' *' if (threads, cl) == best else ''
+        _row(size, f'torch {"NHWC" if cl else "NCHW"} {threads} thr{mark}', args.batch, per_step)
   if args.torch and torch is None:
     print('PyTorch not installed: no reference row (pip install .[bench]).')
   elif args.torch:
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; * = faster memory format')
+    print(
+      f'torch {torch.__version__} eager; * = fastest of memory format x threads (OpenMP with all threads stalls when the cores are shared)'
+    )
   print(f'load average after: {os.getloadavg()[0]:.1f}')
 
 

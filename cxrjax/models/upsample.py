@@ -89,6 +89,9 @@ def _phase_plan(k: int):
   return np.asarray(taps), starts, (-lo_min, max(lo) + t - 1)
 
 
+# Jitted so that eager calls compile one program per shape rather than a dozen small
+# ops per layer; inside an outer jit they are inlined.
+@jax.jit
 def _up(x, w):
   """Sub-pixel stride-2 transposed convolution; `w` is `[k, k, low, high]`."""
   b, h, wd, _ = x.shape
@@ -107,12 +110,14 @@ def _up(x, w):
   return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * wd, hi)  # [b, h, rh, w, rw, c] -> interleaved
 
 
+@jax.jit
 def _down(y, w):
   """Strided convolution (stride 2, padding k/2 - 1); `w` is `[k, k, low, high]`."""
   p = w.shape[0] // 2 - 1
   return lax.conv_general_dilated(y, w.swapaxes(2, 3), (2, 2), ((p, p), (p, p)), dimension_numbers=_DN)
 
 
+@functools.partial(jax.jit, static_argnames='k')
 def _weight_grad(x, y, k: int):
   """d<_up(x, w), y>/dw = d<x, _down(y, w)>/dw for low-res `x`, high-res `y`: `[k, k, low, high]`."""
   b, h, wd, _ = x.shape

@@ -6,13 +6,15 @@ the generator backend of that name (`GENERATORS`): a module with
 `synthesize(config, handle, data, labels) -> uint8 images`.
 """
 
-from cxrjax.trainers import classifier, generative, ldm
+from cxrjax.trainers import classifier, gan, generative, ldm
 
 GENERATORS = {
+  'gan': gan,
   'ldm': ldm,
 }
 
 TRAINERS = {
   'classifier': classifier.train_and_evaluate,
+  'gan': generative.train_and_evaluate,
   'ldm': generative.train_and_evaluate,
 }

@@ -88,18 +88,18 @@ def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
   for split in ('train', 'val', 'test'):
     if len(ds.splits[split]) == 0:
       raise UserError(f'{ds.source.get("path") or ds.source["kind"]}: the {split} split is empty')
+  dseed = config_lib.data_seed(config)
   train, report = imbalance.apply_imbalance(
-    ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, config.seed
+    ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, dseed
   )
+  report['seed'] = dseed
   if config.data.limit_train:
-    keep = imbalance.stratified_cap(
-      train.labels, config.data.limit_train, seeding.numpy_rng(config.seed, 'limit/train')
-    )
+    keep = imbalance.stratified_cap(train.labels, config.data.limit_train, seeding.numpy_rng(dseed, 'limit/train'))
     train = train.take(keep)
     report['limited_to'] = train.class_counts(k)
   if config.data.limit_eval:
     for split in ('val', 'test'):
-      rng = seeding.numpy_rng(config.seed, f'limit/{split}')
+      rng = seeding.numpy_rng(dseed, f'limit/{split}')
       ds.splits[split] = ds.splits[split].take(
         imbalance.stratified_cap(ds.splits[split].labels, config.data.limit_eval, rng)
       )

@@ -62,7 +62,8 @@ def provenance(config, gen_info: dict[str, Any]) -> dict[str, Any]:
     tag=config.generator_tag or f'{config.trainer}',
     generator=gen_info.get('kind', config.trainer),
     generator_step=gen_info.get('step'),
-    generator_config_hash=gen_info.get('config_hash'),
+    generator_hash=gen_info.get('config_hash'),
+    generator_seed=config_lib.generator_seed(config),
     config_hash=config_lib.config_hash(config),
     seed=config.seed,
     details=gen_info.get('details', {}),
@@ -90,7 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends
     progress.log(f'[{config.trainer}] synthetic images needed per class: {needed}')
 
     # 1. generator
-    gen_info, handle = backend.train(config, run.path('generator'), data, mesh, needed)
+    gen_dir = config.generator_dir or run.path('generator')
+    gen_info, handle = backend.train(config, gen_dir, data, mesh, needed)
+    gen_info['dir'] = gen_dir
 
     # 2. synthesis (atomic; redone if the generator or config changed)
     syn_path = run.path('synthetic.npz')

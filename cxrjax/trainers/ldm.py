@@ -133,7 +133,8 @@ def _load_ae(cfg, gen_dir: str, data, mesh):
   model = build_autoencoder(cfg, image_shape[-1])
   a = cfg.ldm.ae
   tx = _tx(a.lr, a.steps)
-  key = seeding.jax_key(cfg.seed, 'ldm/ae/init')
+  gseed = config_lib.generator_seed(cfg)
+  key = seeding.jax_key(gseed, 'ldm/ae/init')
 
   def init_fn():
     params = model.init({'params': key, 'sample': key}, jnp.zeros((1, *image_shape)))['params']
@@ -150,15 +151,15 @@ def _load_ae(cfg, gen_dir: str, data, mesh):
       data.train,
       global_batch=a.batch_size,
       total_steps=a.steps,
-      seed=seeding.int_seed(cfg.seed, 'ldm/ae/data'),
+      seed=seeding.int_seed(gseed, 'ldm/ae/data'),
       start_step=start,
     ),  # fmt: skip
     total_steps=a.steps,
-    rng=seeding.jax_key(cfg.seed, 'ldm/ae/step'),
+    rng=seeding.jax_key(gseed, 'ldm/ae/step'),
     log_every=cfg.ldm.log_every,
     checkpoint_every=cfg.ldm.checkpoint_every,
     fsdp_min_size=cfg.mesh.fsdp_min_size,
-    config_hash=config_lib.config_hash(cfg),
+    config_hash=config_lib.generator_hash(cfg),
     batch_size=a.batch_size,
   )
   params = result.state.params
@@ -193,7 +194,8 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
   tx = _tx(u.lr, u.steps, u.warmup_steps)
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   latent = ae_model.latent_shape(data.dataset.image_shape)
-  key = seeding.jax_key(cfg.seed, 'ldm/unet/init')
+  gseed = config_lib.generator_seed(cfg)
+  key = seeding.jax_key(gseed, 'ldm/unet/init')
 
   def init_fn():
     params = unet.init(key, jnp.zeros((1, *latent)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))['params']
@@ -210,7 +212,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
   def save_samples(step, state, metrics):
     del metrics
     if cfg.ldm.sample_every and (step % cfg.ldm.sample_every == 0 or step == u.steps) and jax.process_index() == 0:
-      imgs = sample_fn(state.ema, ae_params, grid_labels, seeding.jax_key(cfg.seed, 'ldm/grid'))
+      imgs = sample_fn(state.ema, ae_params, grid_labels, seeding.jax_key(gseed, 'ldm/grid'))
       report.save_image_grid(
         np.asarray(imgs), os.path.join(workdir, 'samples', f'step_{step:06d}.png'), nrow=8,
         title=f'LDM samples (EMA), step {step}: rows by class {", ".join(data.dataset.class_names)}',
@@ -226,15 +228,15 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
       data.train,
       global_batch=u.batch_size,
       total_steps=u.steps,
-      seed=seeding.int_seed(cfg.seed, 'ldm/unet/data'),
+      seed=seeding.int_seed(gseed, 'ldm/unet/data'),
       start_step=start,
     ),  # fmt: skip
     total_steps=u.steps,
-    rng=seeding.jax_key(cfg.seed, 'ldm/unet/step'),
+    rng=seeding.jax_key(gseed, 'ldm/unet/step'),
     log_every=cfg.ldm.log_every,
     checkpoint_every=cfg.ldm.checkpoint_every,
     fsdp_min_size=cfg.mesh.fsdp_min_size,
-    config_hash=config_lib.config_hash(cfg),
+    config_hash=config_lib.generator_hash(cfg),
     callbacks=[save_samples],
     batch_size=u.batch_size,
   )
@@ -247,7 +249,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
     + f', {cfg.ldm.sample_steps} DDIM steps, guidance {cfg.ldm.guidance_scale})',
     step=result.step,
     wall_time_s=ae_result.wall_time_s + result.wall_time_s,
-    config_hash=config_lib.config_hash(cfg),
+    config_hash=config_lib.generator_hash(cfg),
     latent_scale=scale,
     latent_shape=list(latent),
     details=dict(
