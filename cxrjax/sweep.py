@@ -148,6 +148,10 @@ def main(argv: list[str]) -> None:
   from cxrjax.eval import sweep_report  # noqa: PLC0415
 
   del argv
+  from absl import logging  # noqa: PLC0415
+
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
   try:
     sweep = flags.FLAGS['config'].value
     if sweep is None:

@@ -39,6 +39,27 @@ def rel_err(a, b):
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+def normal(seed, shape, scale=1.0):
+  # numpy, not jax.random: every new jax.random shape is a threefry compile, about a second on a busy CPU.
+  return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def np_variables(model, *args, seed=0, **kwargs):
+  """DCGAN-like variables without running `init` (its RNG programs are slow to compile; shapes come from eval_shape)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      return np.ones(leaf.shape, np.float32)
+    if name in ('bias', 'mean'):
+      return np.zeros(leaf.shape, np.float32)
+    return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def test_parameter_counts_match_pytorch_dcgan_tutorial():
   # torch: the tutorial's netG / netD (nz=100, ngf=ndf=64, nc=3) have 3,576,704 and 2,765,568 parameters.
   for up in ('transpose', 'transpose_xla'):
@@ -86,38 +107,34 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize('k,ci,co,h', [(4, 5, 3, 4), (4, 6, 7, 5), (2, 3, 5, 3), (6, 4, 2, 3)])
 def test_conv_transpose_2x_forward_and_gradients(k, ci, co, h):
   # co <= 4 and co > 4 take the two weight-gradient paths.
-  kx, kw, kg = jax.random.split(jax.random.key(k * 100 + co), 3)
-  x = jax.random.normal(kx, (3, h, h, ci))
-  w = jax.random.normal(kw, (k, k, ci, co))
+  x, w = normal(1, (3, h, h, ci)), normal(2, (k, k, ci, co))
   y = jax.jit(upsample.conv_transpose_2x)(x, w)
   y_ref = ref_conv_transpose(x, w)
   assert y.shape == (3, 2 * h, 2 * h, co)
   assert rel_err(y, y_ref) < 1e-5
-  g = jax.random.normal(kg, y.shape)
+  g = normal(3, y.shape)
   grads = jax.jit(lambda x, w, g: jax.vjp(upsample.conv_transpose_2x, x, w)[1](g))(x, w, g)
-  grads_ref = jax.vjp(ref_conv_transpose, x, w)[1](g)
+  grads_ref = jax.jit(lambda x, w, g: jax.vjp(ref_conv_transpose, x, w)[1](g))(x, w, g)
   for a, b in zip(grads, grads_ref):
     assert rel_err(a, b) < 5e-5
 
 
 @pytest.mark.parametrize('ci,co', [(3, 8), (8, 5)])
 def test_conv_2x_forward_and_gradients(ci, co):
-  ky, kw, kg = jax.random.split(jax.random.key(ci), 3)
-  y = jax.random.normal(ky, (2, 10, 10, ci))
-  w = jax.random.normal(kw, (4, 4, ci, co))
+  y, w = normal(1, (2, 10, 10, ci)), normal(2, (4, 4, ci, co))
   out = jax.jit(upsample.conv_2x)(y, w)
   assert out.shape == (2, 5, 5, co)
   assert rel_err(out, ref_conv(y, w)) < 1e-5
-  g = jax.random.normal(kg, out.shape)
+  g = normal(3, out.shape)
   grads = jax.jit(lambda y, w, g: jax.vjp(upsample.conv_2x, y, w)[1](g))(y, w, g)
-  for a, b in zip(grads, jax.vjp(ref_conv, y, w)[1](g)):
+  grads_ref = jax.jit(lambda y, w, g: jax.vjp(ref_conv, y, w)[1](g))(y, w, g)
+  for a, b in zip(grads, grads_ref):
     assert rel_err(a, b) < 5e-5
 
 
 def test_gradient_of_gradient_through_custom_vjp():
   # R1-style double backprop: d/dw ||d<f(x, w), 1>/dx||^2 against the reference.
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  w = jax.random.normal(jax.random.key(1), (4, 4, 3, 6))
+  x, w = normal(1, (2, 8, 8, 3)), normal(2, (4, 4, 3, 6))
 
   def penalty(f, w):
     return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.tanh(f(x, w))))(x) ** 2)
@@ -154,10 +171,10 @@ def test_layers_match_pytorch_on_the_same_weights():
 
 
 def test_fast_and_stock_layers_give_the_same_networks():
-  z = jax.random.normal(jax.random.key(0), (4, 8))
+  z = normal(0, (4, 8))
   fast = dcgan.Generator(32, 1, latent_dim=8, base_width=4, upsample='transpose')
   stock = dcgan.Generator(32, 1, latent_dim=8, base_width=4, upsample='transpose_xla')
-  v = jax.jit(fast.init)(jax.random.key(1), z)
+  v = np_variables(fast, z)
   # nn.ConvTranspose holds the same kernel flipped spatially (upsample module docstring).
   flipped = {k: ({'kernel': p['kernel'][::-1, ::-1]} if k.startswith('up') and not k.endswith('bn') else p)
              for k, p in v['params'].items()}  # fmt: skip
@@ -165,10 +182,10 @@ def test_fast_and_stock_layers_give_the_same_networks():
   b, _ = jax.jit(lambda v: stock.apply(v, z, mutable=['batch_stats']))({**v, 'params': flipped})
   assert rel_err(a, b) < 1e-5
 
-  x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
+  x = normal(2, (4, 32, 32, 1))
   d_fast = dcgan.Discriminator(32, 1, base_width=4, downsample='fast')
   d_stock = dcgan.Discriminator(32, 1, base_width=4, downsample='xla')
-  dv = jax.jit(d_fast.init)(jax.random.key(3), x)
+  dv = np_variables(d_fast, x)
 
   def input_grad(d, x):
     return jax.jit(jax.grad(lambda x: jnp.sum(d.apply(dv, x, mutable=['batch_stats'])[0])))(x)
@@ -178,8 +195,11 @@ def test_fast_and_stock_layers_give_the_same_networks():
 
 def test_conditional_generator_depends_on_the_label():
   g = dcgan.Generator(28, 1, latent_dim=16, base_width=8, num_classes=2)
-  z = jnp.repeat(jax.random.normal(jax.random.key(0), (1, 16)), 2, axis=0)
+  z = np.repeat(normal(0, (1, 16)), 2, axis=0)
+  # The one real `init` of this file (its RNG programs take seconds to compile here): DCGAN's initialisers.
   v = jax.jit(functools.partial(g.init, train=False))(jax.random.key(1), z, jnp.array([0, 1]))
+  kernel, bn_scale = v['params']['up1']['kernel'], v['params']['project_bn']['scale']
+  assert abs(float(jnp.std(kernel)) - 0.02) < 0.002 and abs(float(jnp.mean(bn_scale)) - 1) < 0.01
   sample = jax.jit(lambda z, y: g.apply(v, z, y, train=False))
   images, same = sample(z, jnp.array([0, 1])), sample(z, jnp.array([1, 1]))
   assert images.shape == (2, 28, 28, 1) and float(jnp.max(jnp.abs(images))) <= 1.0
@@ -191,8 +211,8 @@ def test_conditional_generator_depends_on_the_label():
 
 def test_bfloat16_generator_trains_with_finite_gradients():
   g = dcgan.Generator(32, 1, latent_dim=8, base_width=4, dtype=jnp.bfloat16)
-  z = jax.random.normal(jax.random.key(0), (2, 8))
-  v = jax.jit(g.init)(jax.random.key(1), z)
+  z = normal(0, (2, 8))
+  v = np_variables(g, z)
 
   def loss(p):
     images, _ = g.apply({**v, 'params': p}, z, mutable=['batch_stats'])
@@ -218,12 +238,9 @@ def test_discriminator_step_lowers_its_loss(num_classes):
   g = dcgan.Generator(32, 1, latent_dim=8, base_width=4, num_classes=num_classes)
   d = dcgan.Discriminator(32, 1, base_width=8, num_classes=num_classes)
   labels = jnp.arange(16) % 2 if num_classes else None
-  z = jax.random.normal(jax.random.key(0), (16, 8))
-  # Eager (un-jitted) init compiles dozens of tiny ops, seconds on a busy CPU; one jit is faster.
-  fake, _ = jax.jit(lambda key: g.init_with_output(key, z, labels, mutable=['params', 'batch_stats']))(
-    jax.random.key(1)
-  )
-  dv = jax.jit(d.init)(jax.random.key(2), real, labels)
+  z = normal(0, (16, 8))
+  fake, _ = jax.jit(lambda v: g.apply(v, z, labels, mutable=['batch_stats']))(np_variables(g, z, labels))
+  dv = np_variables(d, real, labels, seed=1)
   tx = optax.adam(2e-4 * 10, b1=0.5)
 
   @jax.jit

@@ -350,6 +350,9 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     val=out_val,
     test=out_test,
   )
+  # Every process takes part in the orbax save (it synchronises them); only
+  # process 0 writes the files beside it.
+  export_classifier(run.path('export'), best_vars, config, ds)
   if jax.process_index() == 0:
     fileio.atomic_save_npz(
       run.path('predictions.npz'),
@@ -361,7 +364,6 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
         test_names=ds.splits['test'].names.astype(str),
       ),
     )
-    export_classifier(run.path('export'), best_vars, config, ds)
     faults.maybe_fail('final-eval')
     report.write_classifier_outputs(run.workdir, record, ds.class_names)
   ckpt.close()
@@ -388,7 +390,8 @@ def export_classifier(path: str, variables, config, ds) -> None:
     config_hash=config_lib.config_hash(config),
   )
   checkpoint.save_tree(os.path.join(path, 'variables'), variables)
-  fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
+  if jax.process_index() == 0:
+    fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
 
 
 def abstract_with(tree, shardings):

@@ -129,8 +129,9 @@ def git_commit() -> str:
 
 def command_line() -> str:
   argv = list(sys.argv)
-  if argv and argv[0].endswith(os.path.join('cxrjax', 'main.py')):
-    argv[0] = 'python -m cxrjax.main'
+  for module in ('main', 'sweep'):
+    if argv and argv[0].endswith(os.path.join('cxrjax', f'{module}.py')):
+      argv[0] = f'python -m cxrjax.{module}'
   return ' '.join(argv)
 
 
