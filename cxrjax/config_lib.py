@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.channels = 1
   c.data.num_classes = 0  # 0: inferred from the data
   c.data.positive_class = 1  # the class whose probability is scored in binary tasks
+  c.data.subclasses = ''  # folders: split a class by file name, e.g. 'PNEUMONIA:bacteria=bacterial|virus=viral'
   c.data.class_names = ''  # comma-separated; default: folder names, or from the npz name
   c.data.val_fraction = 0.1  # carved from train (grouped by patient) if no val split
   c.data.test_fraction = 0.2  # carved from all images if a folder tree has no split folders
@@ -106,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.imbalance = ml_collections.ConfigDict()
   c.imbalance.minority_class = 1  # pneumonia, as in the poster
   c.imbalance.ratio = 3.0  # majority:minority in train; 0 keeps the split
+  c.imbalance.class_ratios = ''  # K classes: 'r0,r1,...' = largest:class ratio per class (overrides the above)
   c.imbalance.seed = -1  # which images are dropped; -1: config.seed (a sweep fixes it: same data for all)
 
   c.rebalance = ml_collections.ConfigDict()

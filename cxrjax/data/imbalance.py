@@ -92,3 +92,44 @@ def apply_imbalance(train: Split, num_classes: int, minority_class: int, ratio: 
       )
   report.update(counts_after=after, note=note)
   return out, report
+
+
+def apply_class_ratios(train: Split, num_classes: int, spec: str, seed: int):
+  """K-class protocol: class c keeps round(n_largest / r_c) images (r_c >= 1; 1 keeps it whole).
+
+  Args:
+    train: the training split.
+    num_classes: K.
+    spec: 'r0,r1,...', one largest:class ratio per class.
+    seed: the data seed.
+
+  Returns:
+    (subsampled split, report dict).
+  """
+  try:
+    ratios = [float(x) for x in spec.split(',') if x.strip()]
+  except ValueError as e:
+    raise UserError(f'config.imbalance.class_ratios={spec!r}: expected comma-separated numbers') from e
+  if len(ratios) != num_classes or any(r < 1 for r in ratios):
+    raise UserError(f'config.imbalance.class_ratios={spec!r}: expected {num_classes} ratios >= 1 (one per class)')
+  before = train.class_counts(num_classes)
+  n_max = max(before)
+  target = [min(n, int(round(n_max / r))) for n, r in zip(before, ratios)]
+  rng = seeding.numpy_rng(seed, 'imbalance')
+  keep = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(train.labels == c)
+    keep.append(np.sort(rng.choice(idx, size=target[c], replace=False)) if target[c] < len(idx) else idx)
+  out = train.take(np.sort(np.concatenate(keep)))
+  after = out.class_counts(num_classes)
+  if min(after) == 0:
+    raise UserError(f'config.imbalance.class_ratios={spec!r} leaves a class with no training images ({after})')
+  note = f'per-class ratios {ratios} to the largest class ({n_max})'
+  return out, dict(
+    class_ratios=ratios,
+    counts_before=before,
+    counts_after=after,
+    note=note,
+    minority_class=int(np.argmin(after)),
+    ratio=float(n_max / max(min(after), 1)),
+  )

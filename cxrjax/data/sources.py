@@ -184,6 +184,7 @@ def load_folder(
   seed: int,
   cache_dir: str = '',
   threads: int = 4,
+  subclasses: str = '',
 ) -> Dataset:
   """A class-per-folder tree, with or without split folders.
 
@@ -191,6 +192,10 @@ def load_folder(
   `root/<class>/...` (val and test carved out, grouped by patient). Class names
   are the folder names, sorted; images of any size and mode are squashed to
   `size` x `size` with `channels` channels. Decoded arrays are cached.
+
+  `subclasses` splits a folder's images into classes by a substring of the file
+  name, e.g. 'PNEUMONIA:bacteria=bacterial|virus=viral' turns Kermany's
+  NORMAL/PNEUMONIA into NORMAL/bacterial/viral (folders separated by ';').
   """
   rootp = Path(root)
   top = {p.name.lower(): p for p in _subdirs(rootp)}
@@ -206,14 +211,30 @@ def load_folder(
       f'{root}: found {len(class_names)} class folder(s) {class_names}; expected at least 2'
       ' (layout root/<class>/*.png or root/{train,test}/<class>/*.png)'
     )
+  rules = parse_subclasses(subclasses)
+  for folder in rules:
+    if folder not in class_names:
+      raise UserError(f'data.subclasses names folder {folder!r}; {root} has class folders {class_names}')
+  folders = class_names
+  class_names = [n for c in folders for n in ([name for _, name in rules[c]] if c in rules else [c])]
+  index = {n: i for i, n in enumerate(class_names)}
   per_split_files, ignored = {}, 0
   for split, d in split_dirs.items():
     entries = []
-    for k, cname in enumerate(class_names):
+    for cname in folders:
       cdir = d / cname
       files, ign = _list_images(cdir) if cdir.is_dir() else ([], 0)
       ignored += ign
-      entries += [(f, k) for f in files]
+      for f in files:
+        if cname in rules:
+          match = [name for sub, name in rules[cname] if sub.lower() in f.name.lower()]
+          if not match:
+            raise UserError(
+              f'{f}: file name matches none of {[sub for sub, _ in rules[cname]]} (data.subclasses for {cname})'
+            )
+          entries.append((f, index[match[0]]))
+        else:
+          entries.append((f, index[cname]))
     per_split_files[split] = entries
 
   train_key = 'train' if 'train' in per_split_files else 'all'
@@ -318,6 +339,18 @@ def load_folder(
   return Dataset(splits, tuple(class_names), source)
 
 
+def parse_subclasses(spec: str) -> dict[str, list[tuple[str, str]]]:
+  """'A:x=one|y=two;B:z=three' -> {'A': [('x', 'one'), ('y', 'two')], 'B': [('z', 'three')]}."""
+  rules = {}
+  for part in [p.strip() for p in spec.split(';') if p.strip()]:
+    folder, sep, body = part.partition(':')
+    pairs = [item.split('=', 1) for item in body.split('|') if item.strip()]
+    if not sep or not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+      raise UserError(f"data.subclasses={spec!r}: expected 'FOLDER:substring=class|substring=class[;...]'")
+    rules[folder.strip()] = [(a.strip(), b.strip()) for a, b in pairs]
+  return rules
+
+
 def grouped_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, salt: int = 0):
   """Indices (held_out, rest): about `fraction` of each class, whole groups only.
 
@@ -380,7 +413,8 @@ def load_dataset(data, seed: int) -> Dataset:
     on_bad_image=data.on_bad_image,
     seed=seed,
     cache_dir=data.cache_dir,
-    threads=data.num_threads,
+    threads=max(data.num_threads, 4),
+    subclasses=data.subclasses,
   )
   source = data.source
 

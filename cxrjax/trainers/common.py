@@ -89,9 +89,12 @@ def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
     if len(ds.splits[split]) == 0:
       raise UserError(f'{ds.source.get("path") or ds.source["kind"]}: the {split} split is empty')
   dseed = config_lib.data_seed(config)
-  train, report = imbalance.apply_imbalance(
-    ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, dseed
-  )
+  if config.imbalance.class_ratios:
+    train, report = imbalance.apply_class_ratios(ds.splits['train'], k, config.imbalance.class_ratios, dseed)
+  else:
+    train, report = imbalance.apply_imbalance(
+      ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, dseed
+    )
   report['seed'] = dseed
   if config.data.limit_train:
     keep = imbalance.stratified_cap(train.labels, config.data.limit_train, seeding.numpy_rng(dseed, 'limit/train'))
