@@ -91,6 +91,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when --distributed or CXRJAX_DISTRIBUTED=1 (before any JAX work)."""
+  if not (_DISTRIBUTED.value or os.environ.get('CXRJAX_DISTRIBUTED') == '1'):
+    return
+  import jax  # noqa: PLC0415
+
+  kwargs = {}
+  if _COORDINATOR.value:
+    kwargs = dict(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
+  jax.distributed.initialize(**kwargs)
+  logging.info('process %d of %d', jax.process_index(), jax.process_count())
+
+
 def _workdir(config_arg: str) -> str:
   path, _, profile = config_arg.partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
@@ -106,16 +121,7 @@ def main(argv: list[str]) -> None:
   from cxrjax import config_lib  # noqa: PLC0415 - after flags, so errors are one line
   from cxrjax.trainers import TRAINERS  # noqa: PLC0415
 
-  if _DISTRIBUTED.value or os.environ.get('CXRJAX_DISTRIBUTED') == '1':
-    import jax  # noqa: PLC0415
-
-    kwargs = {}
-    if _COORDINATOR.value:
-      kwargs = dict(
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
-      )
-    jax.distributed.initialize(**kwargs)
-    logging.info('process %d of %d', jax.process_index(), jax.process_count())
+  maybe_initialize_distributed()
 
   try:
     if _CONFIG.value is None:

@@ -152,13 +152,16 @@ def main(argv: list[str]) -> None:
 
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  cli.maybe_initialize_distributed()
   try:
     sweep = flags.FLAGS['config'].value
     if sweep is None:
       raise UserError('--config is required, e.g. --config=configs/sweep.py:cpu')
     workdir = flags.FLAGS['workdir'].value or cli._workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
     os.makedirs(workdir, exist_ok=True)
-    lock = fileio.WorkdirLock(workdir)
+    import jax  # noqa: PLC0415
+
+    lock = fileio.WorkdirLock(workdir, jax.process_index())
     lock.acquire()
     try:
       t0 = time.time()
