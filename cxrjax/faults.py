@@ -12,11 +12,19 @@ import os
 import signal
 
 
-def maybe_fail(point: str, step: int | None = None) -> None:
+def maybe_fail(point: str, step: int | None = None, before_kill=None) -> None:
+  """SIGKILLs this process if CXRJAX_FAULT names `point` (at `step`).
+
+  `before_kill` (e.g. waiting for an asynchronous checkpoint) runs first, so a
+  'step' fault models a kill some time after the last save completed, while a
+  'checkpoint' fault (no before_kill) models a kill during the write.
+  """
   spec = os.environ.get('CXRJAX_FAULT')
   if not spec:
     return
   for item in spec.split(','):
     name, _, at = item.strip().partition('@')
     if name == point and (not at or (step is not None and int(at) == int(step))):
+      if before_kill is not None:
+        before_kill()
       os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.multidevice
 def test_two_processes_match_single_process(tmp_path):
   args = ['--config=configs/baseline.py:smoke']
   single = tmp_path / 'single'
-  r = run_cli([*args, f'--workdir={single}'])
+  # The reference: one process with two (forced) CPU devices, i.e. the same
+  # two-way split of every batch, all-reduced inside one process.
+  r = run_cli([*args, f'--workdir={single}'], env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   assert r.returncode == 0, r.stderr[-2000:]
   multi = tmp_path / 'multi'
   env = dict(os.environ, PYTHON=sys.executable, CXRJAX_DATA_DIR=str(data_dir()), CXRJAX_LOG_DIR=str(tmp_path / 'logs'))
@@ -31,8 +33,10 @@ def test_two_processes_match_single_process(tmp_path):
   ref = json.loads((single / 'metrics.json').read_text())
   with np.load(multi / 'predictions.npz') as a, np.load(single / 'predictions.npz') as b:
     np.testing.assert_array_equal(a['test_labels'], b['test_labels'])
-    # Two processes split each batch: BatchNorm statistics and gradients are
-    # all-reduced over gloo, which reorders float32 sums (measured: 1.5e-7).
-    np.testing.assert_allclose(a['test_probs'], b['test_probs'], atol=1e-5)
+    # Measured: identical (0.0). Against a one-device run the reductions are
+    # ordered differently (1.5e-7 after one step), which ten constant-rate Adam
+    # steps amplify to ~1e-2, so the one-device run is not the reference here;
+    # tests/test_sharding.py checks 8 devices against one with SGD.
+    np.testing.assert_allclose(a['test_probs'], b['test_probs'], atol=1e-6)
   for key in ('auroc', 'f1', 'sensitivity', 'specificity'):
-    assert m['test']['youden'][key] == pytest.approx(ref['test']['youden'][key], abs=1e-4)
+    assert m['test']['youden'][key] == pytest.approx(ref['test']['youden'][key], abs=1e-6)

@@ -276,7 +276,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     state, m = train_step(state, batch, step_rng)
     pending.append((step, m))
     step += 1
-    faults.maybe_fail('train-step', step)
+    faults.maybe_fail('train-step', step, before_kill=ckpt.wait)
     images_interval += config.batch_size
     if step % config.log_every_steps == 0 or step % spe == 0:
       avg = flush_metrics(step)

@@ -120,7 +120,7 @@ def run(
       pending.append((step + 1, m))
       step += 1
       n_int += batch_size
-      faults.maybe_fail(f'{name}-step', step)
+      faults.maybe_fail(f'{name}-step', step, before_kill=ckpt.wait)
       if step % log_every == 0 or step == total_steps:
         host = jax.device_get([x for _, x in pending])
         for (s, _), h in zip(pending, host):

@@ -1,0 +1,58 @@
+"""The sweep machinery on tiny settings: runs, shared stages, skip/resume, aggregation and report."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, data_dir
+
+pytestmark = pytest.mark.e2e
+
+METHODS = 'baseline,oversample,dcgan,mix:dcgan+cdcgan_a0.25,cdcgan_a0.25'
+
+
+def sweep(wd, env=None):
+  full_env = dict(os.environ, CXRJAX_DATA_DIR=str(data_dir()), **(env or {}))
+  return subprocess.run(
+    [sys.executable, '-m', 'cxrjax.sweep', '--config=configs/sweep.py:smoke', f'--workdir={wd}',
+     f'--config.methods={METHODS}', '--config.seeds=(0,1)'],
+    cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=1200,
+  )  # fmt: skip
+
+
+def test_sweep_interrupted_then_resumed_then_skipped(tmp_path):
+  wd = tmp_path / 'sweep'
+  # Killed while training the DCGAN (after the baseline and oversample runs finished).
+  r = sweep(wd, env={'CXRJAX_FAULT': 'gan:pneumonia-step@15'})
+  assert r.returncode == -9, r.stderr[-2000:]
+  r = sweep(wd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.count('already complete') == 4, 'the 4 finished runs are skipped after the interruption'
+  assert '[gan:pneumonia] resumed from' in r.stderr
+  for name in ('report.md', 'table.md', 'table.csv', 'stats.json', 'metrics_bars.png', 'alpha_sweep.png',
+               'training_curves.png', 'gradcam_baseline.png', 'gradcam_mix_dcgan_cdcgan_a0.25.png'):  # fmt: skip
+    assert (wd / name).is_file(), name
+  # Shared stages: one DCGAN and one cDCGAN generator for both seeds, one reference network.
+  assert sorted(os.listdir(wd / 'generators')) == ['cdcgan_a0.25', 'dcgan']
+  assert (wd / 'reference' / 'export' / 'model.json').is_file()
+  stats = json.loads((wd / 'stats.json').read_text())
+  agg = stats['aggregate']
+  assert set(agg['methods']) == set(METHODS.split(','))
+  assert agg['methods']['baseline']['f1']['n'] == 2
+  vb = agg['methods']['dcgan']['vs_baseline']
+  assert vb['f1_t_test']['test'] == 'paired t-test' and vb['f1_bootstrap']['test'] == 'paired bootstrap'
+  assert 0 <= vb['f1_bootstrap']['p_value'] <= 1 and 'f1_bootstrap_holm' in vb
+  assert agg['best_classic'] == 'oversample'
+  for m in agg['methods']:
+    assert 0 <= stats['gradcam']['methods'][m]['focus_gradcam']['mean'] <= 1
+  rows = list(csv.DictReader((wd / 'table.csv').open()))
+  assert [r['method'] for r in rows] == METHODS.split(',')
+  report = (wd / 'report.md').read_text()
+  assert 'paired bootstrap' in report and 'Lung focus' in report and '![gradcam dcgan]' in report
+  # Everything finished: a rerun only re-aggregates.
+  r = sweep(wd)
+  assert r.returncode == 0 and r.stderr.count('already complete') == 10
