@@ -604,8 +604,8 @@ def unet_cases(s: dict) -> list[Case]:
     return tm.UNet(ch, num_classes, u.base_channels, tuple(u.channel_mults), u.num_res_blocks,
                    tuple(u.attention_levels), u.num_heads, u.dropout)  # fmt: skip
 
-  sqrt_ab = np.asarray(schedule.sqrt_alphas_cumprod)
-  sqrt_1mab = np.asarray(schedule.sqrt_one_minus_alphas_cumprod)
+  sqrt_ab = np.array(schedule.sqrt_alphas_cumprod)  # writable copies: torch.from_numpy warns on read-only
+  sqrt_1mab = np.array(schedule.sqrt_one_minus_alphas_cumprod)
 
   def build(setting):
     torch = _torch()
