@@ -9,6 +9,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -16,7 +17,7 @@ import cxrjax  # noqa: F401
 from cxrjax import config_lib
 from cxrjax import mesh as mesh_lib
 from cxrjax.models import resnet
-from cxrjax.trainers import classifier
+from cxrjax.trainers import classifier, gan
 
 
 def run(mesh_shape, images, labels, steps, fsdp_min_size, devices):
@@ -45,6 +46,48 @@ def run(mesh_shape, images, labels, steps, fsdp_min_size, devices):
   return losses, params, sharded_leaves
 
 
+def run_gan(mesh_shape, images, labels, steps, fsdp_min_size, devices):
+  mesh = mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict(dict(data=mesh_shape[0], fsdp=mesh_shape[1])), devices)
+  cfg = config_lib.with_profile(config_lib.base_config(), 'smoke')
+  cfg.trainer = 'gan'
+  cfg.gan.conditional = True
+  cfg = config_lib.finalize(cfg)
+  gen, disc = gan.build(cfg, 1, 2)
+  g_tx, d_tx = optax.sgd(0.01), optax.sgd(0.01)
+
+  def init():
+    y = jnp.zeros((2,), jnp.int32)
+    gv = gen.init(jax.random.key(0), jnp.zeros((2, cfg.gan.latent_dim)), y, train=False)
+    dv = disc.init(jax.random.key(1), jnp.zeros((2, 28, 28, 1)), y, train=False)
+    return gan.GANState(
+      step=jnp.zeros((), jnp.int32),
+      g_params=gv['params'],
+      g_stats=gv['batch_stats'],
+      d_params=dv['params'],
+      d_stats=dv.get('batch_stats', {}),
+      g_opt=g_tx.init(gv['params']),
+      d_opt=d_tx.init(dv['params']),
+      g_ema={'params': gv['params'], 'batch_stats': gv['batch_stats']},
+    )
+
+  abstract = jax.eval_shape(init)
+  state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
+  state = jax.jit(init, out_shardings=state_sh)()
+  step_fn = jax.jit(
+    gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2),
+    in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
+    out_shardings=(state_sh, mesh_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  losses = []
+  for i in range(steps):
+    sl = slice(16 * i, 16 * (i + 1))
+    batch = mesh_lib.to_global({'image': images[sl], 'label': labels[sl]}, mesh)
+    state, m = step_fn(state, batch, jax.random.key(2))
+    losses.append([float(m['d_loss']), float(m['g_loss'])])
+  return losses, jax.tree.map(np.asarray, jax.device_get(state.g_params))
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   with np.load(os.path.join(os.environ['CXRJAX_DATA_DIR'], 'pneumoniamnist.npz')) as z:
@@ -57,6 +100,12 @@ def main():
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params))
     scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_params))
     out[name] = {'losses': losses, 'max_param_diff': max(diffs), 'param_scale': scale, 'sharded_leaves': n_sharded}
+  ref_losses, ref_g = run_gan((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
+  out['gan_single'] = {'losses': ref_losses}
+  for name, shape in (('gan_data8', (8, 1)), ('gan_fsdp', (2, 4))):
+    losses, g = run_gan(shape, images, labels, 3, 256, jax.devices())
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g, ref_g))
+    out[name] = {'losses': losses, 'max_param_diff': max(diffs)}
   print(json.dumps(out))
 
 

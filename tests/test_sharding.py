@@ -21,8 +21,13 @@ def run_worker(script: str) -> dict:
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_classifier_step_data_parallel_and_fsdp_match_single_device():
-  out = run_worker('sharding_worker.py')
+@pytest.fixture(scope='module')
+def sharded_out():
+  return run_worker('sharding_worker.py')
+
+
+def test_classifier_step_data_parallel_and_fsdp_match_single_device(sharded_out):
+  out = sharded_out
   ref = out['single']['losses']
   for name in ('data8', 'fsdp'):
     # Tolerance: sharding changes only the order of float32 reductions (BatchNorm
@@ -37,3 +42,16 @@ def test_classifier_step_data_parallel_and_fsdp_match_single_device():
     assert out[name]['max_param_diff'] <= 1e-4 * out[name]['param_scale'], (name, out[name])
   assert out['data8']['sharded_leaves'] == 0, 'data parallel replicates parameters'
   assert out['fsdp']['sharded_leaves'] > 10, 'FSDP must actually shard parameters and optimizer state'
+
+
+def test_gan_step_data_parallel_and_fsdp_match_single_device(sharded_out):
+  ref = sharded_out['gan_single']['losses']
+  for name in ('gan_data8', 'gan_fsdp'):
+    # Same reasoning as above (SGD 0.01, 3 steps): only the order of float32
+    # reductions changes (BatchNorm statistics of G and D, gradient all-reduces).
+    for (d, g), (rd, rg) in zip(sharded_out[name]['losses'], ref):
+      assert abs(d - rd) <= 1e-4 * max(1.0, abs(rd)) and abs(g - rg) <= 1e-4 * max(1.0, abs(rg)), (
+        name,
+        sharded_out[name],
+      )
+    assert sharded_out[name]['max_param_diff'] <= 1e-4, (name, sharded_out[name])

@@ -293,7 +293,10 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
       epoch = step // spe
       variables = eval_variables(state)
       if not all(common.finite(x) for x in jax.tree.leaves(jax.device_get(variables['params']))):
-        raise TrainingDiverged(f'parameters became NaN/Inf by step {step}; last good checkpoint: {last_good}')
+        raise TrainingDiverged(
+          f'parameters became NaN/Inf by step {step}; last good checkpoint: '
+          + (f'{run.path("ckpt")}/{last_good}' if last_good is not None else 'none (diverged before the first save)')
+        )
       val_probs = predict_split(predict, variables, ds.splits['val'], config.eval_batch_size, mesh)
       vm = evaluate(val_probs, ds.splits['val'], config, ds.class_names)
       record = dict(epoch=epoch, step=step, train_loss=avg.get('loss'), train_accuracy=avg.get('accuracy'),
