@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rebalance.weighting = 'inverse'  # class_weights: 'inverse' or 'effective' (Cui et al.)
   c.rebalance.beta = 0.999  # effective-number weighting
   c.rebalance.smote_k = 5  # SMOTE neighbours
+  c.rebalance.smote_space = 'pixel'  # neighbour search: 'pixel' or 'feature' (reference network embedding)
   c.rebalance.synthetic = ''  # 'synthetic': 'path[:weight],...' (set by the generative pipelines)
 
   c.loss = ml_collections.ConfigDict()
@@ -338,6 +339,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'loss.name', LOSSES)
   _one_of(config, 'rebalance.method', REBALANCE_METHODS)
   _one_of(config, 'rebalance.weighting', ('inverse', 'effective'))
+  _one_of(config, 'rebalance.smote_space', ('pixel', 'feature'))
   _one_of(config, 'select_metric', SELECT_METRICS)
 
   d = config.data

@@ -209,3 +209,17 @@ def test_synthetic_provenance_round_trip(tmp_path):
   s, prov = synthetic.load(path)
   assert prov == dict(tag='ldm', generator='test', step=7, config_hash='abc', seed=1)
   assert s.names[0] == 'ldm[0]' and len(s) == 7
+
+
+def test_smote_neighbours_in_feature_space():
+  s = split([50, 12], size=5)
+  minority = np.flatnonzero(s.labels == 1)
+  # A feature space where image i's only close partner is its index pair (i xor 1).
+  feats = np.repeat(np.arange(12) // 2, 4).reshape(12, 4).astype(np.float32) * 100
+  encoder = lambda images: feats[: len(images)]  # noqa: E731
+  ts = rebalance.build_training_set(s, 2, cfg('smote', smote_k=1, smote_space='feature'), seed=0, encoder=encoder)
+  assert ts.details['smote_space'].startswith('feature')
+  row_of = {s.names[r]: i for i, r in enumerate(minority)}
+  for name in ts.pool.names[ts.origin == 'smote']:
+    base, rest = name[len('smote:') :].split('+')
+    assert row_of[rest.split('@')[0]] == row_of[base] ^ 1

@@ -99,11 +99,14 @@ def _targets_down(counts: np.ndarray, target_ratio: float) -> np.ndarray:
   return np.minimum(counts, cap)
 
 
-def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generator):
-  """SMOTE in pixel space (Chawla et al. 2002) for one class.
+def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generator, feats: np.ndarray | None = None):
+  """SMOTE (Chawla et al. 2002) for one class, interpolating pixels.
 
   Each new sample is x_i + lam * (x_j - x_i), with x_i a random row, x_j one
-  of its k nearest neighbours (Euclidean, same class) and lam ~ U(0, 1).
+  of its k nearest neighbours (Euclidean, same class) and lam ~ U(0, 1). The
+  neighbours are found in pixel space, or in `feats` (e.g. a reference
+  network's embedding) when given, so that partners are semantically close;
+  the interpolation itself stays in pixel space (a classifier needs images).
 
   Returns:
     (uint8 images [n_new, ...], base indices i, neighbour indices j, lambdas).
@@ -115,9 +118,11 @@ def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generat
     raise UserError(f'SMOTE needs at least 2 images of a class to interpolate; got {n}')
   k = min(k, n - 1)
   flat = images.reshape(n, -1).astype(np.float32)
-  nn_ = NearestNeighbors(n_neighbors=k + 1).fit(flat)
-  _, neigh = nn_.kneighbors(flat)
-  neigh = neigh[:, 1:]  # drop the point itself
+  space = flat if feats is None else np.asarray(feats, np.float32)
+  nn_ = NearestNeighbors(n_neighbors=k + 1).fit(space)
+  _, neigh = nn_.kneighbors(space)
+  # Drop the point itself (not necessarily first when it has exact duplicates).
+  neigh = np.array([[j for j in row if j != i][:k] for i, row in enumerate(neigh)])
   base = rng.integers(0, n, n_new)
   pick = neigh[base, rng.integers(0, k, n_new)]
   lam = rng.random(n_new).astype(np.float32)
@@ -126,7 +131,7 @@ def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generat
   return new, base, pick, lam
 
 
-def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> TrainingSet:
+def build_training_set(train: Split, num_classes: int, rebalance, seed: int, encoder=None) -> TrainingSet:
   """Applies `config.rebalance` to the imbalanced training split.
 
   Args:
@@ -134,6 +139,7 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> 
     num_classes: K.
     rebalance: `config.rebalance`.
     seed: the experiment seed; the result is a function of (train, config, seed).
+    encoder: images -> features, for SMOTE's neighbour search in feature space.
 
   Returns:
     A `TrainingSet`.
@@ -186,7 +192,8 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> 
       if need <= 0:
         continue
       idx = np.flatnonzero(train.labels == c)
-      imgs, base, pick, lam = smote_samples(train.images[idx], need, rebalance.smote_k, rng)
+      feats = encoder(train.images[idx]) if encoder is not None else None
+      imgs, base, pick, lam = smote_samples(train.images[idx], need, rebalance.smote_k, rng, feats)
       names = np.array(
         [f'smote:{train.names[idx[b]]}+{train.names[idx[p]]}@{lv:.4f}' for b, p, lv in zip(base, pick, lam)]
       )
@@ -197,6 +204,7 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int) -> 
       strong = np.concatenate([strong, np.zeros(len(part), bool)])
     plan = np.arange(len(pool), dtype=np.int64)
     details['smote_k'] = int(rebalance.smote_k)
+    details['smote_space'] = 'feature (reference network)' if encoder is not None else 'pixel'
   elif method == 'synthetic':
     from cxrjax.data import synthetic  # noqa: PLC0415 - avoids an import cycle
 

@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.batch_size, mesh)
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  data = common.prepare_data(config)
+  data = common.prepare_data(config, workdir)
   ts = data.training_set
   spe = pipeline.steps_per_epoch(ts, config.batch_size)
   if spe == 0:

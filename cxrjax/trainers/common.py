@@ -76,8 +76,12 @@ def check_leakage(dataset: Dataset, train: Split) -> dict[str, Any]:
   return out
 
 
-def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
-  """Loads data, applies the imbalance protocol, limits and the rebalancing method."""
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> PreparedData:
+  """Loads data, applies the imbalance protocol, limits and the rebalancing method.
+
+  `workdir` locates the shared reference network when SMOTE searches neighbours
+  in its feature space (`rebalance.smote_space='feature'`).
+  """
   ds = sources.load_dataset(config.data, config.seed)
   ds.source['counts_loaded'] = ds.counts()
   k = ds.num_classes
@@ -107,7 +111,13 @@ def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
         imbalance.stratified_cap(ds.splits[split].labels, config.data.limit_eval, rng)
       )
     ds.source['eval_limited_to'] = config.data.limit_eval
-  ts = rebalance.build_training_set(train, k, config.rebalance, config.seed)
+  encoder = None
+  if config.rebalance.method == 'smote' and config.rebalance.smote_space == 'feature':
+    from cxrjax.eval import features  # noqa: PLC0415 - avoids an import cycle
+
+    model, variables, _ = features.reference_network(config, workdir or os.path.join('runs', 'smote'))
+    encoder = lambda images: features.extract(model, variables, images)  # noqa: E731
+  ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
   return PreparedData(ds, train, ts, report, check_leakage(ds, train))
 
 
