@@ -42,6 +42,8 @@ SELECT_METRICS = (
   'loss',
 )
 
+OPTIONAL_KEYS = ('quality.inception_weights',)
+
 # Keys that change how a run is executed or logged but not what it computes;
 # they are left out of the config hash that guards a workdir.
 RUNTIME_KEYS = (
@@ -205,6 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quality.reference_width = 16
   c.quality.reference_epochs = 8
   c.quality.num_pairs = 8  # closest generated/train pairs shown
+  c.quality.inception_weights = ''  # a pytorch-fid pt_inception-2015-12-05 .pth: FID on Inception pool3 too
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 fills with the devices left over
@@ -265,6 +268,12 @@ def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """A short hash of everything in the config that changes results."""
   d = json.loads(config.to_json_best_effort(sort_keys=True))
+  # Optional keys added after runs existed hash like their absence when unset, so
+  # adding such an option never invalidates finished workdirs.
+  for key in OPTIONAL_KEYS:
+    section, leaf = key.split('.')
+    if not d.get(section, {}).get(leaf, ''):
+      d.get(section, {}).pop(leaf, None)
   for key in RUNTIME_KEYS:
     node = d
     *parents, leaf = key.split('.')

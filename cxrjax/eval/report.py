@@ -250,6 +250,13 @@ def generative_report(record: dict, class_names) -> str:
       f' {fmt(1e3 * s["kid"]["mean"], 2)} | {fmt(s["precision"])} | {fmt(s["recall"])} | {fmt(s["density"])} |'
       f' {fmt(s["coverage"])} | {fmt(pix)} | {fmt(feat)} | {mem.get("exact_copies", "-")} |'
     )
+  for name, s in q['per_class'].items():
+    if s.get('inception'):
+      i = s['inception']
+      lines.append(
+        f'| {name} (Inception pool3) | | {fmt(i["fid"], 2)} | | {fmt(1e3 * i["kid"]["mean"], 2)} |'
+        f' {fmt(i["precision"])} | {fmt(i["recall"])} | | | | | |'
+      )
   lines += [
     '',
     'FID/KID/precision/recall compare the synthetic images with all real training images of the class;'

@@ -29,7 +29,7 @@ from cxrjax import mesh as mesh_lib
 from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
-from cxrjax.eval import genquality, report
+from cxrjax.eval import genquality, inception_features, report
 from cxrjax.trainers import classifier, common
 
 
@@ -136,8 +136,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends
     run.close()
 
 
+def inception_quality(model, variables, real: np.ndarray, gen: np.ndarray, seed: int) -> dict:
+  """FID/KID/precision/recall on FID Inception-V3 pool3 features, the embedding of the literature.
+
+  Same comparison as the reference-network numbers (all real images of the
+  class vs the generated ones, same KID seed), so the two can be read side by side.
+  """
+  f_real = inception_features.extract_inception(model, variables, real)
+  f_gen = inception_features.extract_inception(model, variables, gen)
+  pr = genquality.precision_recall(f_real, f_gen)
+  return dict(
+    fid=float(genquality.frechet_distance(f_real, f_gen)),
+    kid=genquality.kernel_inception_distance(f_real, f_gen, seed=seed),
+    precision=pr['precision'],
+    recall=pr['recall'],
+  )
+
+
 def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov) -> dict:
   """FID/KID/precision/recall and the memorization audit, per synthesized class."""
+  # Loaded first: a bad weights file should fail before the reference network trains.
+  inception = None
+  if config.quality.inception_weights:
+    inception = inception_features.load_inception(config.quality.inception_weights)
   model, variables, ref_info = features_lib.reference_network(config, run.workdir)
   full_train = data.dataset.splits['train']
   out = dict(
@@ -150,6 +171,8 @@ def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov) 
     ),
     per_class={},
   )
+  if inception is not None:
+    out['features']['inception_weights'] = config.quality.inception_weights
   for c in sorted(set(syn.labels.tolist())):
     gen = syn.images[syn.labels == c]
     seen = data.train.images[data.train.labels == c]  # what the generator trained on
@@ -168,6 +191,9 @@ def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov) 
     summ['num_real'] = int(len(real))
     summ['num_seen'] = int(len(seen))
     name = data.dataset.class_names[c]
+    if inception is not None:
+      progress.log(f'[quality] Inception-V3 pool3 features: {len(real)} real, {len(gen)} generated ({name})')
+      summ['inception'] = inception_quality(*inception, real, gen, seed=config.seed)
     pairs_png = f'memorization_{name}.png'
     genquality.pairs_figure(
       gen, seen, summ['memorization'], run.path(pairs_png), f'closest generated/train pairs: {name}'
