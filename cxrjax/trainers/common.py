@@ -118,7 +118,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None) 
     model, variables, _ = features.reference_network(config, workdir or os.path.join('runs', 'smote'))
     encoder = lambda images: features.extract(model, variables, images)  # noqa: E731
   ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
-  return PreparedData(ds, train, ts, report, check_leakage(ds, train))
+  # The whole pool is checked: real rows and every added (SMOTE, synthetic) row.
+  return PreparedData(ds, train, ts, report, check_leakage(ds, ts.pool))
 
 
 def versions() -> dict[str, str]:
