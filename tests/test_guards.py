@@ -7,8 +7,9 @@ import pytest
 
 from cxrjax import config_lib
 from cxrjax import mesh as mesh_lib
+from cxrjax.data.dataset import Dataset, Split, concat
 from cxrjax.models import resnet
-from cxrjax.trainers import classifier
+from cxrjax.trainers import classifier, common
 
 from conftest import run_cli
 
@@ -64,3 +65,24 @@ def test_train_step_makes_no_implicit_transfers(npz_path):
     for _ in range(2):
       state, m = step(state, batch, rng)
   assert np.isfinite(float(m['loss']))
+
+
+def test_leakage_check_counts_training_images_seen_in_val_or_test():
+  rng = np.random.default_rng(0)
+
+  def split(images):
+    n = len(images)
+    return Split(images, np.arange(n, dtype=np.int32) % 2, np.array([f'g{i}' for i in range(n)]),
+                 np.array([f'n{i}' for i in range(n)]))  # fmt: skip
+
+  imgs = lambda n: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)  # noqa: E731
+  train, val, test = imgs(20), imgs(6), imgs(6)
+  ds = Dataset({'train': split(train), 'val': split(val), 'test': split(test)}, ('a', 'b'), {'kind': 'test'})
+  assert common.check_leakage(ds, ds.splits['train']) == {'train_in_val': 0, 'train_in_test': 0}
+  # Two test images copied into the real training rows, one val image among added (synthetic) rows.
+  pool = concat(split(np.concatenate([train, test[[1, 4]]])), split(val[[2]]))
+  assert common.check_leakage(ds, pool) == {'train_in_val': 1, 'train_in_test': 2}
+  # A one-pixel change is a different image.
+  near = test[[0]].copy()
+  near[0, 0, 0, 0] ^= 1
+  assert common.check_leakage(ds, concat(ds.splits['train'], split(near)))['train_in_test'] == 0

@@ -1,11 +1,16 @@
 """Crash safety: a run killed at any point and rerun ends exactly like an uninterrupted one."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from cxrjax import fileio
+
+from conftest import ROOT, data_dir, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -60,3 +65,47 @@ def test_finished_run_is_skipped_and_other_config_refused(tmp_path):
   r = run_cli([*ARGS, '--config.num_epochs=1', '--config.seed=5', f'--workdir={wd}', '--overwrite'])
   assert r.returncode == 0
   assert json.loads((wd / 'metrics.json').read_text())['run']['seed'] == 5
+
+
+def _gan_worker(gen_dir, out, env=None):
+  full_env = dict(os.environ, CXRJAX_DATA_DIR=str(data_dir()), **(env or {}))
+  return subprocess.run(
+    [sys.executable, str(ROOT / 'tests' / 'gan_resume_worker.py'), str(gen_dir), str(out)],
+    cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def gan_uninterrupted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('gan_ref')
+  r = _gan_worker(tmp / 'gen', tmp / 'out.npz')
+  assert r.returncode == 0, r.stderr[-2000:]
+  with np.load(tmp / 'out.npz') as z:
+    return z['images'], int(z['step'])
+
+
+# Killed after the step-10 checkpoint committed (resume at 10), and killed while the
+# step-20 checkpoint was being written (resume at 10 again: the torn write is ignored).
+@pytest.mark.parametrize('fault', ['gan:pneumonia-step@15', 'gan:pneumonia-checkpoint@20'])
+def test_killed_generator_training_resumes_to_identical_generator(fault, gan_uninterrupted, tmp_path):
+  r = _gan_worker(tmp_path / 'gen', tmp_path / 'out.npz', env={'CXRJAX_FAULT': fault})
+  assert r.returncode == -9, f'the fault must kill the run: {r.returncode} {r.stderr[-1000:]}'
+  assert not (tmp_path / 'out.npz').exists()
+  r = _gan_worker(tmp_path / 'gen', tmp_path / 'out.npz')
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'resumed from' in r.stderr
+  with np.load(tmp_path / 'out.npz') as z:
+    images, step = z['images'], int(z['step'])
+  ref_images, ref_step = gan_uninterrupted
+  assert step == ref_step == 30
+  np.testing.assert_array_equal(images, ref_images)  # bitwise on CPU
+
+
+def test_two_runs_cannot_share_a_workdir(tmp_path):
+  wd = tmp_path / 'run'
+  with fileio.WorkdirLock(str(wd)):
+    r = run_cli([*ARGS, '--config.num_epochs=1', f'--workdir={wd}'])
+  assert r.returncode == 2, r.stderr[-2000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith('cxrjax: error:')]
+  assert len(errors) == 1 and 'workdir is in use by another run' in errors[0], r.stderr[-1000:]
+  assert sorted(os.listdir(wd)) == ['.lock'], 'the refused run writes nothing'
