@@ -284,6 +284,28 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def differences_from_full(config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """(key, full-profile value, this value) for every field where `config` differs from
+  `base_config()` under the 'full' profile (published sizes and schedules).
+
+  Reports state with this what a narrower profile (or an override) changed.
+  """
+  full = _flatten(json.loads(with_profile(base_config(), 'full').to_json_best_effort()))
+  this = _flatten(json.loads(config.to_json_best_effort()))
+  keys = sorted(set(full) | set(this))
+  return [(k, full.get(k), this.get(k)) for k in keys if k != 'profile' and full.get(k) != this.get(k)]
+
+
 def data_seed(config: ml_collections.ConfigDict) -> int:
   """The seed of the imbalance protocol (which training images are kept)."""
   return config.imbalance.seed if config.imbalance.seed >= 0 else config.seed

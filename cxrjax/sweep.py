@@ -113,6 +113,27 @@ def methods_of(sweep) -> list[str]:
   return [m.strip() for m in sweep.methods.split(',') if m.strip()]
 
 
+class _SweepClock:
+  """Wall time spent in runs, summed over every invocation of one sweep (a resumed
+  sweep adds to it); persisted after each run in WORKDIR/sweep_time.json. Time in a
+  run that was killed before finishing is not counted (its resumed part is)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'sweep_time.json')
+    self.seconds = fileio.read_json(self.path)['run_seconds'] if os.path.isfile(self.path) else 0.0
+
+  def add(self, seconds: float) -> None:
+    self.seconds += seconds
+    if jax_process_index() == 0:
+      fileio.atomic_write_json(self.path, dict(run_seconds=self.seconds))
+
+
+def jax_process_index() -> int:
+  import jax  # noqa: PLC0415 - heavy import, after flag parsing
+
+  return jax.process_index()
+
+
 def run_all(sweep: ml_collections.ConfigDict, workdir: str) -> dict[tuple[str, int], dict]:
   """Runs every (method, seed) not yet finished; returns their metrics records."""
   from cxrjax.trainers import TRAINERS  # noqa: PLC0415 - heavy import, after flag parsing
@@ -124,12 +145,14 @@ def run_all(sweep: ml_collections.ConfigDict, workdir: str) -> dict[tuple[str, i
   order = sorted(configs, key=lambda ms: (ms[0].startswith(MIX_PREFIX), methods.index(ms[0]), ms[1]))
   records, durations = {}, []
   t_sweep = time.time()
+  clock = _SweepClock(workdir)
   for i, (m, s) in enumerate(order):
     wd = run_dir(workdir, m, s)
     t0 = time.time()
     progress.log(f'[sweep] run {i + 1}/{len(order)}: {m} seed {s} -> {wd}')
     records[(m, s)] = TRAINERS[configs[(m, s)].trainer](configs[(m, s)], wd)
     dt = time.time() - t0
+    clock.add(dt)
     if dt > 5:  # skipped runs take a second; they say nothing about the ETA
       durations.append(dt)
     left = len(order) - i - 1

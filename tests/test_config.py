@@ -79,3 +79,12 @@ def test_config_hash_ignores_runtime_keys_only():
   assert config_lib.config_hash(a) == config_lib.config_hash(b)
   b.seed = 1
   assert config_lib.config_hash(a) != config_lib.config_hash(b)
+
+
+def test_differences_from_full_list_every_profile_change():
+  assert config_lib.differences_from_full(config_lib.with_profile(config_lib.base_config(), 'full')) == []
+  cpu = config_lib.with_profile(config_lib.base_config(), 'cpu')
+  diffs = {k: (full, this) for k, full, this in config_lib.differences_from_full(cpu)}
+  assert diffs['model.width'] == (64, 16) and diffs['gan.g_width'] == (64, 32) and 'profile' not in diffs
+  cpu.num_epochs = 3  # an override is a difference too
+  assert ('num_epochs', 15, 3) in config_lib.differences_from_full(cpu)

@@ -53,6 +53,9 @@ def test_sweep_interrupted_then_resumed_then_skipped(tmp_path):
   assert [r['method'] for r in rows] == METHODS.split(',')
   report = (wd / 'report.md').read_text()
   assert 'paired bootstrap' in report and 'Lung focus' in report and '![gradcam dcgan]' in report
+  assert (
+    'Differences from the `full` profile (this sweep: `smoke`)' in report and '| `model.width` | 64 | 4 |' in report
+  )
   # Everything finished: a rerun only re-aggregates.
   r = sweep(wd)
   assert r.returncode == 0 and r.stderr.count('already complete') == 10

@@ -301,6 +301,26 @@ def markdown_table(agg: dict, cams: dict | None) -> str:
   return '\n'.join(lines)
 
 
+def _total_minutes(workdir: str) -> str:
+  path = os.path.join(workdir, 'sweep_time.json')
+  if not os.path.isfile(path):
+    return 'not recorded'
+  return f'{fileio.read_json(path)["run_seconds"] / 60:.1f} min in runs'
+
+
+def _profile_section(exp) -> list[str]:
+  """Every field in which this sweep's experiment differs from the published ('full') settings."""
+  from cxrjax import config_lib  # noqa: PLC0415
+
+  diffs = config_lib.differences_from_full(exp)
+  if not diffs:
+    return ['Profile `full`: published architectures and schedules (no differences).', '']
+  lines = [f'## Differences from the `full` profile (this sweep: `{exp.profile}`)', '',
+           '| setting | full | this sweep |', '|---|---|---|']  # fmt: skip
+  lines += [f'| `{k}` | {full} | {this} |' for k, full, this in diffs]
+  return [*lines, '']
+
+
 def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
   """Writes table.md, table.csv, stats.json, the PNGs and report.md into the sweep folder."""
   from cxrjax import sweep as sweep_lib  # noqa: PLC0415
@@ -335,8 +355,8 @@ def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
     f' {exp.optim.name} lr {exp.optim.lr}; model chosen by validation {exp.select_metric}',
     f'- Seeds {seeds}; generators trained once per method (generator seed {sweep.generator_seed}),'
     ' synthetic sets drawn per seed',
-    f'- {len(methods)} methods x {len(seeds)} seeds; sweep wall time {wall_time_s / 60:.1f} min'
-    ' (finished runs are skipped, so a resumed sweep reports only its own time)',
+    f'- {len(methods)} methods x {len(seeds)} seeds; wall time of this invocation {wall_time_s / 60:.1f} min;'
+    f' summed over all invocations of this sweep (resumes included) {_total_minutes(workdir)}',
     f'- Operating point: `{agg["primary"]}`; best classic method by mean F1: `{agg["best_classic"]}`',
     '',
     '## Table (test set, mean ± half-width of the 95% t-interval over seeds)',
@@ -354,6 +374,7 @@ def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
     f' morphological cleanup, falling back to a two-ellipse prior ({100 * cams["lung_mask_fallback_share"]:.0f}%'
     ' of images here); see cxrjax/eval/gradcam.py.',
     '',
+    *_profile_section(exp),
     '## Generator quality (seed 0 synthetic sets)',
     '',
     '| method | class | FID | KID | precision | recall | memorized (pixel) |',
