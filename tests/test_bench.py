@@ -155,3 +155,17 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout
+
+
+def test_conv_profile_layers_are_resnet18s_convolutions():
+  from cxrjax.bench import conv_profile  # noqa: PLC0415
+
+  convs = conv_profile.resnet18_convs(28, 64)
+  assert sum(convs.values()) == 20  # stem + 16 in the blocks + 3 downsampling shortcuts
+  weights = sum(n * k * k * cin * cout for (_, cin, cout, k, _), n in convs.items())
+  model = resnet.resnet18(2, width=64, stem='cifar')
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), False))
+  kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(variables['params']) if x.ndim == 4]
+  assert weights == sum(int(np.prod(x.shape)) for x in kernels)
+  # Spatial sizes: 28 (stem, stage 1), 14, 7, 4 px at the inputs of the stages' stride-1 convolutions.
+  assert {h for (h, _, _, _, s) in convs if s == 1} == {28, 14, 7, 4}
