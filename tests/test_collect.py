@@ -1,0 +1,36 @@
+"""`python -m cxrjax.eval.collect`: one table from several finished runs."""
+
+import pytest
+
+from cxrjax import fileio
+from cxrjax.eval import collect
+
+
+def _run(path, f1, per_class=None):
+  t = dict(precision=0.5, recall=0.25, specificity=0.75, f1=f1, balanced_accuracy=0.5, mcc=0.1, kappa=0.1,
+           auroc=0.9, auprc=0.8)  # fmt: skip
+  if per_class:
+    t['per_class'] = per_class
+  path.mkdir(parents=True)
+  m = dict(test={'threshold_0.5': t, 'youden': dict(f1=0.6, balanced_accuracy=0.55)},
+           data=dict(counts=dict(trained_on=[30, 10])), phantom=False)  # fmt: skip
+  fileio.atomic_write_json(str(path / 'metrics.json'), m)
+
+
+def test_rows_in_order_named_by_their_distinct_path(tmp_path):
+  _run(tmp_path / 'a' / 'seed_0', 0.123456)
+  pc = [dict(name='viral', support=7, precision=0.1, recall=0.2, specificity=0.3, f1=0.4, auroc=0.5)]
+  _run(tmp_path / 'b' / 'seed_0', 0.9, per_class=pc)
+  out = collect.table([str(tmp_path / 'b' / 'seed_0'), str(tmp_path / 'a' / 'seed_0')], per_class=True)
+  lines = out.splitlines()
+  assert lines[2].startswith('| b/seed_0 | [30, 10] | 0.500 | 0.250 | 0.750 | 0.900 |')
+  assert lines[3].startswith('| a/seed_0 |') and '| 0.123 |' in lines[3] and lines[3].endswith('| 0.600 | 0.550 |')
+  assert '| b/seed_0 | viral | 7 | 0.100 | 0.200 | 0.300 | 0.400 | 0.500 |' in out
+
+
+def test_unfinished_run_is_named_exit_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    collect.main([str(tmp_path / 'nothing')])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('cxrjax: error:') and 'nothing/metrics.json: not found' in err
