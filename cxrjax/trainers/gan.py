@@ -217,7 +217,8 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
 
   sample = make_sampler(gen, k)
   fixed_z = jax.random.normal(seeding.jax_key(gseed, 'gan/grid'), (64, g.latent_dim))
-  fixed_y = jnp.asarray(np.arange(64) % max(k, 1), jnp.int32) if k else None
+  # Grid rows of 8 cycle through the classes: row r shows class r % k.
+  fixed_y = jnp.asarray((np.arange(64) // 8) % max(k, 1), jnp.int32) if k else None
   real_ref = images_split.images[:64].reshape(min(64, len(images_split)), -1).astype(np.float32)
   real_div = _diversity(real_ref)
   streak: list[dict] = []
