@@ -1,7 +1,7 @@
 """The experiment table: 13 methods + a generator mix x 3 seeds on PneumoniaMNIST-28, 3:1 protocol.
 
-Profiles: ':cpu' (narrow ResNet-18 and generators, shorter schedules; about 2 hours
-on a 2-core CPU), ':full' (published widths; for GPU/TPU), ':smoke' (a few methods,
+Profiles: ':cpu' (narrow ResNet-18 and generators, shorter schedules; on a 2-core CPU
+about 1 hour without the two LDM methods, 2-2.5 hours with them), ':full' (published widths; for GPU/TPU), ':smoke' (a few methods,
 two seeds, tiny everything: a test of the machinery, not a result).
 
 Run:
