@@ -1,8 +1,10 @@
 """The experiment table: 13 methods + a generator mix x 3 seeds on PneumoniaMNIST-28, 3:1 protocol.
 
-Profiles: ':cpu' (narrow ResNet-18 and generators, shorter schedules; on a 2-core CPU
-about 1 hour without the two LDM methods, 2-2.5 hours with them), ':full' (published widths; for GPU/TPU), ':smoke' (a few methods,
-two seeds, tiny everything: a test of the machinery, not a result).
+Profiles: ':cpu' (narrow ResNet-18 and generators, shorter schedules; measured on a
+2-core CPU: about 63 min for the 12 methods other than the LDM's two, whose generator
+took 45 min more and each of its runs ~7 min), ':full' (published widths; for GPU/TPU),
+':smoke' (a few methods, two seeds, tiny everything: a test of the machinery, not a
+result).
 
 Run:
   python -m cxrjax.sweep --config=configs/sweep.py:cpu --workdir=runs/sweep-cpu
