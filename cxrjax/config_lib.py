@@ -184,7 +184,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.ldm.source_class = -1  # img2img source class (-1: the largest class)
   c.ldm.schedule = 'linear'  # 'linear' or 'cosine'
   c.ldm.num_timesteps = 1000
-  c.ldm.prediction = 'eps'  # 'eps' or 'v'
+  # 'v' (Salimans & Ho): its x0 estimate stays well conditioned at the noisiest steps. 'eps' with
+  # this schedule divides by sqrt(abar_T) ~ 0.006 there; measured (BUILD_NOTES, issue 5) its DDIM
+  # samples left the data (latent std ~10 against 1) and decoded to noise.
+  c.ldm.prediction = 'v'  # 'eps' or 'v'
   c.ldm.label_dropout = 0.1  # classifier-free guidance training
   c.ldm.guidance_scale = 2.0  # 1: the conditional model; > 1 stronger class signal
   c.ldm.sample_steps = 50  # DDIM steps
@@ -246,9 +249,9 @@ def _generator_profile(config: ml_collections.ConfigDict, profile: str) -> None:
   gan, ldm = config.gan, config.ldm
   if profile == 'cpu':
     gan.g_width, gan.d_width, gan.steps = 32, 32, 3000
-    ldm.ae.base_channels, ldm.ae.steps = 32, 1500
-    ldm.unet.base_channels, ldm.unet.steps = 32, 4000
-    ldm.sample_every = 1000
+    ldm.ae.base_channels, ldm.ae.steps = 32, 800
+    ldm.unet.base_channels, ldm.unet.steps = 32, 2500
+    ldm.sample_steps, ldm.sample_every = 25, 500
   elif profile == 'smoke':
     gan.g_width, gan.d_width, gan.steps, gan.batch_size = 8, 8, 20, 32
     gan.log_every, gan.checkpoint_every, gan.sample_every = 10, 10, 20

@@ -70,6 +70,30 @@ def test_q_sample_then_predict_recovers_x0_and_noise(cosine):
   np.testing.assert_allclose(diffusion.predict_x0(cosine, x_t, t_all, v, 'v'), x0, atol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['linear', 'cosine'])
+def test_x0_error_amplification_eps_vs_v(kind):
+  # The failure measured in issue 5: a model-output error e becomes an x0 error of
+  # e * sqrt(1 - abar) / sqrt(abar) with eps-prediction (~160x at t = T - 1 for
+  # 'linear'), but at most e with v-prediction, at every t. This is why 'v' is the default.
+  s = diffusion.make_schedule(kind, 1000)
+  rng = np.random.default_rng(3)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (4, 4, 4, 2)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+  err = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32) * 1e-2
+  for t_int in [0, 500, 900, 999]:
+    t = jnp.full((4,), t_int, jnp.int32)
+    x_t = diffusion.q_sample(s, x0, t, noise)
+    ratios = {}
+    for prediction in ['eps', 'v']:
+      exact = diffusion.training_target(s, x0, t, noise, prediction)
+      x0_err = diffusion.predict_x0(s, x_t, t, exact + err, prediction) - diffusion.predict_x0(s, x_t, t, exact, prediction)
+      ratios[prediction] = float(jnp.linalg.norm(x0_err) / jnp.linalg.norm(err))
+    abar = float(s.alphas_cumprod[t_int])
+    assert ratios['v'] <= 1.0 + 1e-3
+    np.testing.assert_allclose(ratios['eps'], math.sqrt((1 - abar) / abar), rtol=2e-2)
+  assert ratios['eps'] > 100  # t = T - 1
+
+
 def test_v_target_matches_definition(cosine):
   rng = np.random.default_rng(1)
   x0 = rng.standard_normal((3, 5))
