@@ -86,7 +86,8 @@ def test_x0_error_amplification_eps_vs_v(kind):
     ratios = {}
     for prediction in ['eps', 'v']:
       exact = diffusion.training_target(s, x0, t, noise, prediction)
-      x0_err = diffusion.predict_x0(s, x_t, t, exact + err, prediction) - diffusion.predict_x0(s, x_t, t, exact, prediction)
+      x0_noisy = diffusion.predict_x0(s, x_t, t, exact + err, prediction)
+      x0_err = x0_noisy - diffusion.predict_x0(s, x_t, t, exact, prediction)
       ratios[prediction] = float(jnp.linalg.norm(x0_err) / jnp.linalg.norm(err))
     abar = float(s.alphas_cumprod[t_int])
     assert ratios['v'] <= 1.0 + 1e-3
