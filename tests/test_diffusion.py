@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cxrjax import diffusion
+from cxrjax.eval import ldm_probe
 
 key = functools.partial(jax.random.key, impl='rbg')
 
@@ -272,3 +273,39 @@ def test_img2img_starts_at_t_start_and_small_strength_keeps_input(cosine):
     _oracle(cosine, x0, 'v'), cosine, noise, None, key(0), 50, prediction='v', t_start=700, x_start=x0
   )
   np.testing.assert_allclose(back, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize('prediction', ['eps', 'v'])
+def test_ldm_probe_with_oracle_and_with_a_biased_model(cosine, prediction):
+  # Data that is one point c: the exact model output is known in closed form at every t.
+  c = 0.7
+  z0 = jnp.full((4, 2, 2, 3), c, jnp.float32)
+  labels = jnp.zeros((4,), jnp.int32)
+
+  def exact(x_t, t, y, bias=0.0):
+    a = diffusion._coef(cosine.sqrt_alphas_cumprod, t, x_t.ndim)
+    b = diffusion._coef(cosine.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+    eps = (x_t - a * c) / b
+    out = eps if prediction == 'eps' else a * eps - b * c
+    return out + bias
+
+  ts = [999, 500, 0]
+  rows = ldm_probe.x0_error_by_t(exact, cosine, z0, labels, ts, prediction, key(0))
+  assert [r['t'] for r in rows] == ts
+  for r in rows:
+    assert r['output_mse'] < 1e-8 and r['trivial_x0_mse'] == 0.0
+  assert max(r['x0_mse'] for r in rows) < (1e-2 if prediction == 'eps' else 1e-8)  # eps: float32 / sqrt(2e-9)
+  final, traj = ldm_probe.ddim_trajectory(exact, cosine, jax.random.normal(key(1), z0.shape), labels, 10, prediction)
+  np.testing.assert_allclose(final, c, atol=1e-3)
+  assert len(traj) == 10 and traj[-1]['t'] == 0 and traj[-1]['x_std'] < 1e-3
+
+  # A constant output error of 0.01 becomes an x0 error of 0.01 * sqrt((1 - abar) / abar) with eps.
+  biased = functools.partial(exact, bias=0.01)
+  rows = ldm_probe.x0_error_by_t(biased, cosine, z0, labels, [500], prediction, key(0))
+  abar = float(cosine.alphas_cumprod[500])
+  gain = (1 - abar) / abar if prediction == 'eps' else 1 - abar
+  np.testing.assert_allclose(rows[0]['x0_mse'], 1e-4 * gain, rtol=1e-2)
+  assert 'x0 MSE' in ldm_probe.format_probe(
+    dict(generator_dir='g', prediction=prediction, schedule='cosine', encoded_latent_std=1.0, by_timestep=rows,
+         trajectory=traj)
+  )  # fmt: skip
