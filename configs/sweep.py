@@ -1,8 +1,8 @@
 """The experiment table: 13 methods + a generator mix x 3 seeds on PneumoniaMNIST-28, 3:1 protocol.
 
 Profiles: ':cpu' (narrow ResNet-18 and generators, shorter schedules; measured on a
-2-core CPU: about 63 min for the 12 methods other than the LDM's two, whose generator
-took 45 min more and each of its runs ~7 min), ':full' (published widths; for GPU/TPU),
+2-core CPU: all 14 methods x 3 seeds in 1 h 49 min, the LDM generator 26 min of it),
+':full' (published widths; for GPU/TPU),
 ':smoke' (a few methods, two seeds, tiny everything: a test of the machinery, not a
 result).
 
