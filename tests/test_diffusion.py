@@ -297,7 +297,8 @@ def test_ldm_probe_with_oracle_and_with_a_biased_model(cosine, prediction):
   assert max(r['x0_mse'] for r in rows) < (1e-2 if prediction == 'eps' else 1e-8)  # eps: float32 / sqrt(2e-9)
   final, traj = ldm_probe.ddim_trajectory(exact, cosine, jax.random.normal(key(1), z0.shape), labels, 10, prediction)
   np.testing.assert_allclose(final, c, atol=1e-3)
-  assert len(traj) == 10 and traj[-1]['t'] == 0 and traj[-1]['x_std'] < 1e-3
+  assert len(traj) == 11 and [r['t'] for r in traj[-2:]] == [0, -1] and traj[-1]['x_std'] < 1e-3
+  np.testing.assert_allclose(traj[0]['x_std'], float(jnp.std(jax.random.normal(key(1), z0.shape))), rtol=1e-6)
 
   # A constant output error of 0.01 becomes an x0 error of 0.01 * sqrt((1 - abar) / abar) with eps.
   biased = functools.partial(exact, bias=0.01)
@@ -309,3 +310,29 @@ def test_ldm_probe_with_oracle_and_with_a_biased_model(cosine, prediction):
     dict(generator_dir='g', prediction=prediction, schedule='cosine', encoded_latent_std=1.0, by_timestep=rows,
          trajectory=traj)
   )  # fmt: skip
+
+
+@pytest.mark.parametrize('prediction', ['eps', 'v'])
+def test_ldm_probe_trajectory_matches_the_sampler_with_guidance(prediction):
+  # A label- and t-dependent (and wrong) model: the probe's step-by-step loop must
+  # reproduce ddim_sample exactly, guidance and timestep sequence included. (The linear
+  # schedule: with cosine an eps-model's x0 is amplified 2e4x at t = 999, and jitted
+  # and eager float32 rounding would differ visibly.)
+  linear = diffusion.make_schedule('linear', 1000)
+
+  def model(x_t, t, y):
+    scale = 0.5 + t.astype(jnp.float32)[:, None, None, None] / 2000.0
+    return jnp.tanh(x_t) * scale + 0.3 * y.astype(jnp.float32)[:, None, None, None]
+
+  labels = jnp.asarray([0, 1, 1, 0], jnp.int32)
+  x_T = jax.random.normal(key(2), (4, 3, 3, 2))
+  final, traj = ldm_probe.ddim_trajectory(model, linear, x_T, labels, 7, prediction, 2.0, null_label=2)
+  ref = diffusion.ddim_sample(
+    model, linear, x_T, labels, key(3), num_steps=7, guidance_scale=2.0, prediction=prediction, null_label=2
+  )
+  np.testing.assert_allclose(final, ref, rtol=1e-5, atol=1e-5)  # float32 rounding, jitted scan vs eager
+  assert [r['t'] for r in traj] == [*diffusion.ddim_timesteps(1000, 7).tolist(), -1]
+  unguided, _ = ldm_probe.ddim_trajectory(model, linear, x_T, labels, 7, prediction)
+  assert float(jnp.max(jnp.abs(unguided - final))) > 1e-3  # the guidance really entered
+  with pytest.raises(ValueError, match='null_label'):
+    ldm_probe.ddim_trajectory(model, linear, x_T, labels, 7, prediction, 2.0)

@@ -26,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
-from cxrjax import config_lib, diffusion, seeding
+from cxrjax import config_lib, diffusion, fileio, seeding
 from cxrjax import mesh as mesh_lib
 from cxrjax.errors import UserError
 from cxrjax.trainers import common, generative, ldm
@@ -81,8 +81,12 @@ def ddim_trajectory(
   step can be inspected).
 
   Returns:
-    (final sample, one dict per step: step, t, x_std, x0_hat_std).
+    (final sample, one dict per step: step, t, x_std (of the x_t the model
+    sees at t), x0_hat_std (of its x0 estimate there), then a last row with
+    t = -1 for the finished sample).
   """
+  if guidance_scale != 1.0 and null_label is None:
+    raise ValueError('classifier-free guidance needs a null_label')
   ts = diffusion.ddim_timesteps(schedule.num_steps, num_steps)
   x = jnp.asarray(x_T, jnp.float32)
   rows = []
@@ -93,8 +97,9 @@ def ddim_trajectory(
     if guidance_scale != 1.0:
       out = diffusion.guided_output(out, apply_fn(x, t, jnp.full_like(labels, null_label)), guidance_scale)
     x0_hat = diffusion.predict_x0(schedule, x, t, out, prediction)
-    x = diffusion.ddim_step(schedule, x, int(t_int), t_prev, out, prediction)
     rows.append(dict(step=i, t=int(t_int), x_std=float(jnp.std(x)), x0_hat_std=float(jnp.std(x0_hat))))
+    x = diffusion.ddim_step(schedule, x, int(t_int), t_prev, out, prediction)
+  rows.append(dict(step=len(ts), t=-1, x_std=float(jnp.std(x)), x0_hat_std=float(jnp.std(x))))
   return x, rows
 
 
@@ -106,8 +111,20 @@ _NUM = flags.DEFINE_integer('num_images', 128, 'Encoded training images (and sam
 
 def probe(config, gen_dir: str, num_images: int) -> dict:
   """Loads a trained LDM (never trains one) and runs both probes on the minority class."""
-  if not os.path.isfile(os.path.join(gen_dir, 'diffusion', 'done.json')):
-    raise UserError(f'--generator_dir={gen_dir}: no trained LDM there (expected diffusion/done.json)')
+  # Both stages must be finished with this very config, so `ldm.train` below only restores.
+  want = config_lib.generator_hash(config)
+  for stage, steps in (('autoencoder', config.ldm.ae.steps), ('diffusion', config.ldm.unet.steps)):
+    path = os.path.join(gen_dir, stage, 'done.json')
+    if not os.path.isfile(path):
+      raise UserError(f'--generator_dir={gen_dir}: no trained LDM there (expected {stage}/done.json)')
+    done = fileio.read_json(path)
+    if done.get('config_hash') != want or int(done.get('step', -1)) < steps:
+      raise UserError(
+        f'{path}: trained with another config (hash {done.get("config_hash")}, step {done.get("step")}; this'
+        f' config: hash {want}, {steps} steps); pass the config and overrides the generator was trained with'
+      )
+  if config.ldm.eta != 0:
+    raise UserError(f'config.ldm.eta={config.ldm.eta!r}: the probe follows deterministic DDIM; expected 0')
   data = common.prepare_data(generative._base_config(config))
   _, handle = ldm.train(config, gen_dir, data, mesh_lib.make_mesh(config.mesh), {})
   ae, unet, scale = handle['ae_model'], handle['unet'], handle['scale']
@@ -143,10 +160,10 @@ def format_probe(result: dict) -> str:
     lines.append(
       f'| {r["t"]} | {r["output_mse"]:.4f} | {r["x0_mse"]:.3f} | {r["x0_hat_std"]:.3f} | {r["trivial_x0_mse"]:.3f} |'
     )
-  lines += ['', '| DDIM step | t | x_t std | x0_hat std |', '|---:|---:|---:|---:|']
+  lines += ['', '| DDIM step | t (-1: final sample) | x_t std | x0_hat std |', '|---:|---:|---:|---:|']
   traj = result['trajectory']
   for r in traj:
-    if r['step'] % 5 == 0 or r is traj[-1]:
+    if r['step'] % 5 == 0 or r['t'] in (0, -1):
       lines.append(f'| {r["step"]} | {r["t"]} | {r["x_std"]:.3f} | {r["x0_hat_std"]:.3f} |')
   return '\n'.join(lines)
 
