@@ -238,7 +238,7 @@ def _is_static(value, constant: float) -> bool:
   return isinstance(value, int | float) and value == constant
 
 
-def _model_output(apply_fn: ApplyFn, x, t, labels, guidance_scale, null_label):
+def model_output(apply_fn: ApplyFn, x, t, labels, guidance_scale, null_label):
   """The model output, guided when the scale is not statically 1 (one batched call for cond + uncond)."""
   if _is_static(guidance_scale, 1.0):
     return apply_fn(x, t, labels).astype(jnp.float32)
@@ -434,7 +434,7 @@ def ddim_sample(
   def body(x, step):
     t, t_prev, key = step
     t_batch = jnp.full((batch,), t, jnp.int32)
-    out = _model_output(apply_fn, x, t_batch, labels, guidance_scale, null_label)
+    out = model_output(apply_fn, x, t_batch, labels, guidance_scale, null_label)
     noise = jax.random.normal(key, x.shape, jnp.float32) if stochastic else None
     return ddim_step(schedule, x, t, t_prev, out, prediction, eta, noise, clip_x0), None
 

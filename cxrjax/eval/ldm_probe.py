@@ -16,17 +16,16 @@ checked); an untrained generator is an error, never trained here.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from ml_collections import config_flags
 
 import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
 from cxrjax import config_lib, diffusion, fileio, seeding
+from cxrjax import main as cli
 from cxrjax import mesh as mesh_lib
 from cxrjax.errors import UserError
 from cxrjax.trainers import common, generative, ldm
@@ -85,17 +84,13 @@ def ddim_trajectory(
     sees at t), x0_hat_std (of its x0 estimate there), then a last row with
     t = -1 for the finished sample).
   """
-  if guidance_scale != 1.0 and null_label is None:
-    raise ValueError('classifier-free guidance needs a null_label')
   ts = diffusion.ddim_timesteps(schedule.num_steps, num_steps)
   x = jnp.asarray(x_T, jnp.float32)
   rows = []
   for i, t_int in enumerate(ts):
     t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
     t = jnp.full((x.shape[0],), t_int, jnp.int32)
-    out = apply_fn(x, t, labels)
-    if guidance_scale != 1.0:
-      out = diffusion.guided_output(out, apply_fn(x, t, jnp.full_like(labels, null_label)), guidance_scale)
+    out = diffusion.model_output(apply_fn, x, t, labels, guidance_scale, null_label)
     x0_hat = diffusion.predict_x0(schedule, x, t, out, prediction)
     rows.append(dict(step=i, t=int(t_int), x_std=float(jnp.std(x)), x0_hat_std=float(jnp.std(x0_hat))))
     x = diffusion.ddim_step(schedule, x, int(t_int), t_prev, out, prediction)
@@ -103,7 +98,7 @@ def ddim_trajectory(
   return x, rows
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'The LDM config the generator was trained with.')
+# --config (the LDM config the generator was trained with) is cxrjax.main's flag, parsed the same way.
 _GEN_DIR = flags.DEFINE_string('generator_dir', None, 'The generator folder (autoencoder/ and diffusion/).')
 _OUT = flags.DEFINE_string('out', None, 'Also write the probe as JSON here.')
 _NUM = flags.DEFINE_integer('num_images', 128, 'Encoded training images (and samples) probed.')
@@ -171,18 +166,16 @@ def format_probe(result: dict) -> str:
 def main(argv: list[str]) -> None:
   del argv
   try:
-    if _CONFIG.value is None or not _GEN_DIR.value:
+    config = flags.FLAGS['config'].value
+    if config is None or not _GEN_DIR.value:
       raise UserError('give --config (the LDM config) and --generator_dir')
-    config = config_lib.finalize(_CONFIG.value)
-    result = probe(config, _GEN_DIR.value, _NUM.value)
+    result = probe(config_lib.finalize(config), _GEN_DIR.value, _NUM.value)
+    if _OUT.value:
+      fileio.atomic_write_json(_OUT.value, result)
   except UserError as e:
-    print(f'cxrjax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   print(format_probe(result))
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags, argv=sys.argv)
