@@ -8,6 +8,10 @@ each layer occurs, this says where a full step's time goes and which side is
 faster where.
 
   python -m cxrjax.bench.conv_profile --image-size 28 --batch 128 --width 64
+
+Then it times the whole training step of both (as `python -m cxrjax.bench` does,
+interleaved; PyTorch channels_last with the same threads) and prints what is left
+outside the convolutions: step time minus the summed convolution times.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cxrjax.models import strided_conv
 
 
 def resnet18_convs(size: int, width: int) -> Counter:
@@ -48,13 +54,17 @@ def _median_ms(fn, reps: int) -> float:
   return 1e3 * statistics.median(ts)
 
 
-def jax_conv_times(batch, h, cin, cout, k, stride, reps) -> dict[str, float]:
+def jax_conv_times(batch, h, cin, cout, k, stride, reps, autodiff: bool = False) -> dict[str, float]:
+  """Median ms of forward, input gradient and weight gradient; `autodiff`: XLA's own gradients for stride 2 too."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, h, h, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.05, jnp.float32)
   pad = [((k - 1) // 2, k // 2)] * 2  # as cxrjax's ResNet and PyTorch's padding=k // 2 (odd k)
 
   def conv(x, w):
+    # As cxrjax's ResNet: the custom-VJP convolution (XLA's forward pass) for stride 2.
+    if stride == 2 and not autodiff:
+      return strided_conv.strided_conv(x, w)
     return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   y = conv(x, w)
@@ -95,6 +105,22 @@ def torch_conv_times(torch, batch, h, cin, cout, k, stride, reps, channels_last)
   )
 
 
+def whole_step_ms(batch: int, size: int, width: int, reps: int, torch_threads: int) -> tuple[float, float]:
+  """Median ms per ResNet-18 training step: (JAX, PyTorch eager channels_last), interleaved repetitions."""
+  from cxrjax.bench import harness  # noqa: PLC0415 - imports the trainers
+
+  case = harness.classifier_case('resnet18_28', dict(batch=batch, image_size=size, width=width))
+  jax_runner = case.make_jax()
+  torch_runner = harness.torch_runner(case.torch_build, harness.TorchSetting('channels_last', torch_threads))
+  times = {'jax': [], 'torch': []}
+  for _ in range(reps):
+    for name, runner in (('jax', jax_runner), ('torch', torch_runner)):
+      t = time.perf_counter()
+      runner.run(2)
+      times[name].append((time.perf_counter() - t) / 2)
+  return 1e3 * statistics.median(times['jax']), 1e3 * statistics.median(times['torch'])
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--image-size', type=int, default=28)
@@ -102,17 +128,21 @@ def main() -> None:
   p.add_argument('--width', type=int, default=64)
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--torch-threads', type=int, default=2)
+  p.add_argument('--no-step', action='store_true', help='skip timing the whole training step')
   args = p.parse_args()
   import torch  # noqa: PLC0415 - the bench extra
 
   torch.set_num_threads(args.torch_threads)
-  rows, totals = [], Counter()
+  rows, autodiff_rows, totals = [], [], Counter()
   for (h, cin, cout, k, stride), n in sorted(resnet18_convs(args.image_size, args.width).items()):
     j = jax_conv_times(args.batch, h, cin, cout, k, stride, args.reps)
     t_cl = torch_conv_times(torch, args.batch, h, cin, cout, k, stride, args.reps, True)
     t_cf = torch_conv_times(torch, args.batch, h, cin, cout, k, stride, args.reps, False)
     t = {key: min(t_cl[key], t_cf[key]) for key in j}
     rows.append(((h, cin, cout, k, stride), n, j, t))
+    if stride == 2:  # what autodiff alone gives, for comparison (not in the sums)
+      plain = jax_conv_times(args.batch, h, cin, cout, k, stride, args.reps, autodiff=True)
+      autodiff_rows.append(((h, cin, cout, k, stride), n, plain))
     for key in j:
       totals[f'jax_{key}'] += n * j[key]
       totals[f'torch_{key}'] += n * t[key]
@@ -125,6 +155,22 @@ def main() -> None:
           f' {t["dgrad"]:.1f} | {j["wgrad"]:.1f} | {t["wgrad"]:.1f} |')  # fmt: skip
   print(f'| **sum x count** | | {totals["jax_fwd"]:.0f} | {totals["torch_fwd"]:.0f} | {totals["jax_dgrad"]:.0f} |'
         f' {totals["torch_dgrad"]:.0f} | {totals["jax_wgrad"]:.0f} | {totals["torch_wgrad"]:.0f} |')  # fmt: skip
+  print('\nStride-2 layers with JAX autodiff alone (nn.Conv; cxrjax uses strided_conv.StridedConv):')
+  print('| conv | JAX fwd | JAX dgrad | JAX wgrad |')
+  print('|---|---:|---:|---:|')
+  for (h, cin, cout, k, stride), _, j in autodiff_rows:
+    print(f'| {h}, {cin}->{cout}, {k}x{k}, s{stride} | {j["fwd"]:.1f} | {j["dgrad"]:.1f} | {j["wgrad"]:.1f} |')
+
+  if args.no_step:
+    return
+  step_jax, step_torch = whole_step_ms(args.batch, args.image_size, args.width, args.reps, args.torch_threads)
+  conv_jax = totals['jax_fwd'] + totals['jax_dgrad'] + totals['jax_wgrad']
+  conv_torch = totals['torch_fwd'] + totals['torch_dgrad'] + totals['torch_wgrad']
+  print('\n| ms per training step | JAX | PyTorch (channels_last) |')
+  print('|---|---:|---:|')
+  print(f'| whole step (measured) | {step_jax:.0f} | {step_torch:.0f} |')
+  print(f'| convolutions (sum above) | {conv_jax:.0f} | {conv_torch:.0f} |')
+  print(f'| everything else (difference) | {step_jax - conv_jax:.0f} | {step_torch - conv_torch:.0f} |')
 
 
 if __name__ == '__main__':
