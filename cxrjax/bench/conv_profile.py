@@ -3,9 +3,10 @@
 For every distinct convolution of the network (input size, channels, kernel,
 stride) it times the forward pass, the input gradient and the weight gradient in
 JAX (XLA CPU, cxrjax's flags) and in PyTorch eager (channels_last and contiguous,
-the faster reported), and the same for BatchNorm + ReLU; multiplied by how often
-each layer occurs, this says where a full step's time goes and which side is
-faster where.
+the faster reported); multiplied by how often each layer occurs, this says how
+much of a full step the convolutions take and which side is faster where.
+Stride-2 layers use cxrjax's custom-VJP convolution, as the ResNet does; a second
+table shows what XLA's autodiff alone gives for them.
 
   python -m cxrjax.bench.conv_profile --image-size 28 --batch 128 --width 64
 
@@ -113,8 +114,9 @@ def whole_step_ms(batch: int, size: int, width: int, reps: int, torch_threads: i
   jax_runner = case.make_jax()
   torch_runner = harness.torch_runner(case.torch_build, harness.TorchSetting('channels_last', torch_threads))
   times = {'jax': [], 'torch': []}
-  for _ in range(reps):
-    for name, runner in (('jax', jax_runner), ('torch', torch_runner)):
+  runners = [('jax', jax_runner), ('torch', torch_runner)]
+  for rep in range(reps):
+    for name, runner in runners[rep % 2 :] + runners[: rep % 2]:  # alternate which side runs first
       t = time.perf_counter()
       runner.run(2)
       times[name].append((time.perf_counter() - t) / 2)

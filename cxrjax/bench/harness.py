@@ -35,7 +35,7 @@ N steps of each variant in turn (JAX; PyTorch eager in NCHW and channels_last me
 and 1 intra-op threads; torch.compile), the order rotated by one each repetition, so all see the same load.
 Two warm-up steps per variant are not timed. images/s = batch / median over repetitions of the mean step
 time of a block; N is `--steps`, or chosen so a block of the slowest variant lasts about `--rep-seconds`
-(at least 3 steps). An eager variant more than 3x slower than the fastest one in its warm-up step is not
+(at least one step). An eager variant more than 3x slower than the fastest one in its warm-up step is not
 timed further (the row says so, with its warm-up speed). One thread is tried beside `torch.set_num_threads(2)`
 because OpenMP waits at every barrier for a thread that another process has descheduled: on this 2-core
 machine under load, 1 thread trained ResNet-18 3x faster than 2. PyTorch's Adam is `fused=True`, its fastest
@@ -794,7 +794,9 @@ def measure(
   timed = [r for r in runners if r.error is None and not r.pruned]
   if steps is None:
     slowest = max((r.warm_s for r in timed), default=1.0)
-    steps = max(3, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
+    # A call that already lasts a block is timed once per block: three 31-s DDIM calls per variant and
+    # repetition made that row alone take 18 minutes.
+    steps = max(1, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
   for rep in range(reps):
     k = rep % max(len(timed), 1)  # rotate the order so no variant always runs first (or after JAX)
     for r in timed[k:] + timed[:k]:

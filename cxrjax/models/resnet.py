@@ -4,7 +4,9 @@ With width 64, 1000 classes, 3 input channels and the ImageNet stem it has
 torchvision's 11,689,512 parameters (tested). The CIFAR stem (3x3 stride-1
 convolution, no max-pool) keeps resolution for 28-64 px images. Padding is
 explicit and symmetric, as in PyTorch, so shapes and numerics match the
-PyTorch baseline in `cxrjax.bench`.
+PyTorch baseline in `cxrjax.bench`. The stride-2 convolutions are
+`strided_conv.StridedConv` (same parameters and outputs as `nn.Conv`, a faster
+input gradient on CPU), so the network supports reverse-mode autodiff only.
 """
 
 from __future__ import annotations

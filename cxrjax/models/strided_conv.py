@@ -15,6 +15,10 @@ taps, nine in all, as many multiply-adds as the forward pass), and the phases
 are interleaved. The forward pass stays XLA's, and so does the weight gradient
 of 3x3 kernels (a window-dilated convolution, which is fast); for 1x1 kernels
 the weight gradient is one GEMM over every other pixel.
+
+Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not available through a
+`custom_vjp` function, so not through cxrjax's ResNet either; reverse mode,
+including gradients of gradients, is.
 """
 
 from __future__ import annotations
