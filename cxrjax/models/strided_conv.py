@@ -3,8 +3,8 @@
 Autodiff's input gradient of a strided convolution is an `lhs_dilation`
 (zero-interleaved) convolution, which XLA's CPU backend runs slowly: on a
 2-core x86 CPU the input gradient of ResNet-18's 28-px 3x3 stride-2 layer
-(64 -> 128 channels, batch 128) took 60 ms against PyTorch's 19 ms
-(`python -m cxrjax.bench.conv_profile`). `cxrjax.models.upsample` fixes the
+(64 -> 128 channels, batch 128) took 63 ms against PyTorch's 19 ms (30 ms here;
+`python -m cxrjax.bench.conv_profile` prints both, with its autodiff-alone table). `cxrjax.models.upsample` fixes the
 same problem for DCGAN's even kernels with a sub-pixel convolution; for odd
 kernels that form would pad the kernel to an even size and do 16/9 of the work,
 so here the input gradient is written exactly, phase by phase: output pixel
@@ -103,7 +103,7 @@ def _strided_conv_fwd(x, kernel):
 def _weight_grad(x, kernel, g):
   if kernel.shape[0] == 1:
     # A 1x1 kernel sees every other pixel: one GEMM over them (28 px, 64 -> 128 channels,
-    # batch 128: 5 ms against 19 ms for XLA's window-dilated convolution).
+    # batch 128: 6 ms against 21 ms for XLA's window-dilated convolution, conv_profile).
     return jnp.einsum('nhwc,nhwo->co', x[:, ::2, ::2], g)[None, None].astype(kernel.dtype)
   _, weight_vjp = jax.vjp(lambda w: _conv(x, w), kernel)
   return weight_vjp(g)[0]
