@@ -8,6 +8,7 @@ makes the throughput comparison one of frameworks, not of networks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,9 +153,23 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['torch_setting'] in row['torch_variants']
   assert row['torch_compile_images_per_s'] is None and row['torch_compile'].startswith('n/a')
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
+  assert row['jax_devices'] == 1
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout
+
+
+def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
+  # The JAX step runs as the trainers run it: on a mesh of every device, batch split, state replicated.
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '1', '--steps', '1',
+         '--out', str(out)]  # fmt: skip
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())
+  assert row['jax_devices'] == 2 and row['jax_images_per_s'] > 0
+  assert 'xla_force_host_platform_device_count=2' in out.with_suffix('.md').read_text()
 
 
 def test_conv_profile_layers_are_resnet18s_convolutions():

@@ -29,7 +29,9 @@ PyTorch thread only and skips torch.compile unless `--torch-compile`, for tests)
   `$CXRJAX_DATA_DIR/pneumoniamnist.npz` (default: ../shared/data beside the checkout), the config's default
   augmentation, batch 128, with 1 and 2 threads; host only, no model.
 
-Method. Inputs are fixed random batches made once (no input pipeline in the model rows). Each model runs in
+Method. Inputs are fixed random batches made once (no input pipeline in the model rows). JAX training steps run as the trainers
+run them, on a data-parallel mesh of every local device (one CPU device unless XLA_FLAGS sets
+`--xla_force_host_platform_device_count`); sampling runs on one device. Each model runs in
 a fresh worker process, and all its variants run in that process, interleaved: repetition r runs a block of
 N steps of each variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2
 and 1 intra-op threads; torch.compile), the order rotated by one each repetition, so all see the same load.
@@ -59,8 +61,8 @@ step is compiled before) nor the runtimes themselves.
 Results: `--out PATH` writes PATH, a JSON list of rows, and the same table as Markdown to PATH with the suffix
 .md (with the machine description). Every row has `model, kind ('train' | 'sample' | 'input'),
 jax_images_per_s, torch_images_per_s (fastest eager setting), ratio (JAX / PyTorch), compile_s, peak_mem_mb (JAX),
-torch_setting, torch_threads, torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster
-thread count of each format), torch_variants (every eager variant: images/s, or why not timed),
+jax_devices (devices of the JAX step's mesh; 1 for sampling), torch_setting, torch_threads,
+torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format), torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),
 torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax_images_per_s_range and
 torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (side of the input: pixels, or
@@ -103,6 +105,7 @@ import optax
 
 import cxrjax  # noqa: F401 - sets XLA flags before the JAX backend starts
 from cxrjax import config_lib, diffusion
+from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
 from cxrjax.models import build_classifier
@@ -217,6 +220,7 @@ class Runner:
   setting: Any = None  # TorchSetting of a PyTorch variant
   pruned: bool = False  # not timed: much slower than the fastest eager variant in warm-up
   per_step: list[float] = dataclasses.field(default_factory=list)
+  devices: int = 1  # JAX: devices of the mesh the step ran on
 
   def images_per_s(self, batch: int) -> float | None:
     if self.error or not self.per_step:
@@ -242,20 +246,32 @@ def _warm_up(runner: Runner, meter: RssMeter, steps: int = 2) -> Runner:
 def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
   """A jitted `step_fn(state, batch, rng) -> (state, metrics)` with the state donated, as the trainers jit it.
 
+  As in the trainers, the step runs on a data-parallel mesh of every local device: state
+  replicated, batch split along its first axis, explicit in and out shardings. On one
+  device that is a plain jit; with `--xla_force_host_platform_device_count=N` in XLA_FLAGS
+  it times the data-parallel program on N CPU devices.
+
   Args:
     step_fn: the trainer's pure step.
     init_fn: `() -> state` (jitted and compiled before memory is measured).
-    batch: a dict of device arrays.
+    batch: a dict of host or device arrays (first axis divisible by the device count).
     name: the runner's name.
 
   Returns:
     A warmed-up `Runner`.
   """
-  rng = jax.random.key(1)
-  init_c = jax.jit(init_fn).lower().compile()
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  rep, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  batch = jax.device_put(batch, split)
+  rng = jax.device_put(jax.random.key(1), rep)
+  init_c = jax.jit(init_fn, out_shardings=rep).lower().compile()
   abstract = jax.eval_shape(init_fn)
   t = time.perf_counter()
-  step_c = jax.jit(step_fn, donate_argnums=(0,)).lower(abstract, batch, rng).compile()
+  step_c = (
+    jax.jit(step_fn, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+    .lower(abstract, batch, rng)
+    .compile()
+  )
   compile_s = time.perf_counter() - t
   meter = RssMeter().start()
   holder = [init_c()]
@@ -266,7 +282,7 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
       holder[0], out = step_c(holder[0], batch, rng)
     jax.block_until_ready((holder[0], out))
 
-  return _warm_up(Runner(name, run, compile_s=compile_s), meter)
+  return _warm_up(Runner(name, run, compile_s=compile_s, devices=mesh.devices.size), meter)
 
 
 def jax_call_runner(fn, init_fn, args: tuple, name: str = 'jax') -> Runner:
@@ -405,7 +421,7 @@ def classifier_case(name: str, s: dict) -> Case:
   params_jax = _count(jax.eval_shape(init_fn).params)
 
   def make_jax():
-    jbatch = jax.device_put(dict(image=images, label=labels, weight=np.ones(batch, np.float32)))
+    jbatch = dict(image=images, label=labels, weight=np.ones(batch, np.float32))
     return jax_step_runner(classifier.make_train_step(model, tx, loss_cfg), init_fn, jbatch)
 
   def torch_model():
@@ -484,7 +500,7 @@ def dcgan_cases(s: dict) -> list[Case]:
   images = _random_images(batch, size, 1, seed=1)
 
   def make_jax():
-    jbatch = jax.device_put(dict(image=images, label=np.zeros(batch, np.int32)))
+    jbatch = dict(image=images, label=np.zeros(batch, np.int32))
     return jax_step_runner(gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2), init_state, jbatch)
 
   def torch_nets():
@@ -594,7 +610,7 @@ def unet_cases(s: dict) -> list[Case]:
   def make_jax():
     # `make_diffusion_step` maps batch['image'] through `to_unit` (x / 127.5 - 1) and the encoder; with an
     # identity encoder and scale 1, this 'image' arrives as the unit-variance latents above.
-    jbatch = jax.device_put(dict(image=(latents + 1.0) * 127.5, label=labels))
+    jbatch = dict(image=(latents + 1.0) * 127.5, label=labels)
     step = ldm.make_diffusion_step(unet, lambda x, rng: x, tx, schedule, cfg, 1.0, num_classes)
     return jax_step_runner(step, init_state, jbatch)
 
@@ -840,6 +856,7 @@ def measure(
     ratio=_round(jax_ips / torch_ips, 3) if jax_ips and torch_ips else None,
     compile_s=_round(jx.compile_s, 2),
     peak_mem_mb=_round(jx.peak_mem_mb, 1),
+    jax_devices=jx.devices,
     torch_setting=best.name if best else None,
     torch_threads=best.setting.threads if best else None,
     torch_contiguous_images_per_s=_round(per_format['contiguous']),

@@ -2,22 +2,27 @@
 
   python -m cxrjax.eval.collect runs/issue3/*            # binary: poster's metrics + more
   python -m cxrjax.eval.collect --per-class runs/kermany3/*
+  python -m cxrjax.eval.collect --summary runs/full/seed_*  # + median and mean ± sd rows over seeds
 
 Each row is a workdir (generative runs: their top-level metrics.json); the test
 metrics are at threshold 0.5 (binary) or arg-max (K classes), with F1 and
-balanced accuracy also at the Youden threshold chosen on validation (binary).
+balanced accuracy and accuracy also at the Youden threshold chosen on validation
+(binary). With `--summary` (runs of one method over several seeds), two rows
+follow: the median and the mean ± sample standard deviation of every column.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 from cxrjax import fileio
 from cxrjax.errors import UserError
 
-COLUMNS = ('precision', 'recall', 'specificity', 'f1', 'balanced_accuracy', 'mcc', 'kappa', 'auroc', 'auprc')
+COLUMNS = ('accuracy', 'precision', 'recall', 'specificity', 'f1', 'balanced_accuracy', 'mcc', 'kappa', 'auroc',
+           'auprc')  # fmt: skip
 
 
 def _f(x) -> str:
@@ -31,11 +36,25 @@ def load(workdir: str) -> dict:
   return fileio.read_json(path)
 
 
-def table(workdirs: list[str], per_class: bool = False) -> str:
-  """The Markdown table of `workdirs` (in the order given)."""
-  head = ['run', 'trained on', *COLUMNS, 'F1 @Youden', 'bal. acc @Youden']
+YOUDEN_COLUMNS = ('f1', 'balanced_accuracy', 'accuracy')
+
+
+def _summary_rows(values: list[list[float | None]]) -> list[str]:
+  """Median and mean ± sd rows of a column-major list of values (None where a run lacks the metric)."""
+  med, mean = ['**median**', ''], ['**mean ± sd**', '']
+  for col in values:
+    xs = [x for x in col if x is not None]
+    med.append(_f(statistics.median(xs)) if xs else '—')
+    sd = f' ± {statistics.stdev(xs):.3f}' if len(xs) > 1 else ''
+    mean.append(f'{statistics.fmean(xs):.3f}{sd}' if xs else '—')
+  return ['| ' + ' | '.join(med) + ' |', '| ' + ' | '.join(mean) + ' |']
+
+
+def table(workdirs: list[str], per_class: bool = False, summary: bool = False) -> str:
+  """The Markdown table of `workdirs` (in the order given), with median and mean rows if `summary`."""
+  head = ['run', 'trained on', *COLUMNS, 'F1 @Youden', 'bal. acc @Youden', 'acc @Youden']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  extra = []
+  extra, columns = [], []
   common = os.path.commonpath([os.path.abspath(w) for w in workdirs]) if len(workdirs) > 1 else None
   for wd in workdirs:
     m = load(wd)
@@ -44,12 +63,15 @@ def table(workdirs: list[str], per_class: bool = False) -> str:
     name = os.path.relpath(os.path.abspath(wd), common) if common else os.path.basename(os.path.normpath(wd))
     name += ' (PHANTOM)' if m.get('phantom') else ''
     trained = m['data']['counts'].get('trained_on')
-    cells = [name, str(trained)] + [_f(t.get(c)) for c in COLUMNS] + [_f(y.get('f1')), _f(y.get('balanced_accuracy'))]
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    values = [t.get(c) for c in COLUMNS] + [y.get(c) for c in YOUDEN_COLUMNS]
+    columns.append(values)
+    lines.append('| ' + ' | '.join([name, str(trained)] + [_f(v) for v in values]) + ' |')
     if per_class and t.get('per_class'):
       for pc in t['per_class']:
         extra.append(f'| {name} | {pc["name"]} | {pc["support"]} | {_f(pc["precision"])} | {_f(pc["recall"])} |'
                      f' {_f(pc["specificity"])} | {_f(pc["f1"])} | {_f(pc["auroc"])} |')  # fmt: skip
+  if summary:
+    lines += _summary_rows([list(col) for col in zip(*columns, strict=True)])
   out = '\n'.join(lines)
   if extra:
     out += ('\n\nPer class (test, one-vs-rest):\n\n| run | class | support | precision | recall | specificity | F1 |'
@@ -61,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('workdirs', nargs='+')
   p.add_argument('--per-class', action='store_true', help='also one row per class (K-class runs)')
+  p.add_argument('--summary', action='store_true', help='also the median and mean ± sd of every column (seeds)')
   args = p.parse_args(argv)
   try:
-    print(table(args.workdirs, args.per_class))
+    print(table(args.workdirs, args.per_class, args.summary))
   except UserError as e:
     print(f'cxrjax: error: {e}', file=sys.stderr)
     sys.exit(2)
