@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,7 +36,18 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --dis
 
 
 def fail(message: str) -> None:
-  print(f'cxrjax: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  line = f'cxrjax: error: {" ".join(str(message).split())}\n'
+  # Background threads (orbax's checkpoint I/O after a failed restore) can be printing to
+  # stderr at this moment, and print() writes text and newline separately. So: one write,
+  # on a fresh line when other threads are alive, and the error stays a line of its own.
+  if threading.active_count() > 1:
+    line = '\n' + line
+  sys.stderr.flush()
+  try:
+    os.write(sys.stderr.fileno(), line.encode())
+  except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file descriptor
+    sys.stderr.write(line)
+    sys.stderr.flush()
   sys.exit(2)
 
 

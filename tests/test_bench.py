@@ -138,7 +138,8 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   out = tmp_path / 'bench.json'
   cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '2', '--steps', '1',
          '--out', str(out)]  # fmt: skip
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, whatever the caller forces
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert isinstance(rows, list) and len(rows) == 1
@@ -153,7 +154,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['torch_setting'] in row['torch_variants']
   assert row['torch_compile_images_per_s'] is None and row['torch_compile'].startswith('n/a')
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
-  assert row['jax_devices'] == 1
+  assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout
@@ -168,7 +169,8 @@ def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())
-  assert row['jax_devices'] == 2 and row['jax_images_per_s'] > 0
+  # Read from the compiled step's input sharding: the batch really is split over both devices.
+  assert row['jax_mesh_devices'] == 2 and row['jax_batch_split'] is True and row['jax_images_per_s'] > 0
   assert 'xla_force_host_platform_device_count=2' in out.with_suffix('.md').read_text()
 
 

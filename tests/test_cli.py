@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -134,3 +135,21 @@ def test_bad_input_one_line_exit_2_no_outputs(case, tmp_path, chest_xray):
   assert fragment in errors[0], errors[0]
   assert 'Traceback' not in r.stderr
   assert not wd.exists() or not os.listdir(wd), 'no outputs may be written for bad input'
+
+
+def test_error_is_one_whole_line_while_other_threads_print(capfd):
+  # orbax's background threads can still be writing tracebacks when a failed restore ends the
+  # run; the error goes out in one write, on a line of its own, so it is never split or prefixed.
+  from cxrjax import main  # noqa: PLC0415
+
+  stop = threading.Event()
+  thread = threading.Thread(target=stop.wait)
+  thread.start()
+  try:
+    with pytest.raises(SystemExit) as e:
+      main.fail('ckpt/10: checkpoint does not\n   match this model')
+  finally:
+    stop.set()
+    thread.join()
+  assert e.value.code == 2
+  assert capfd.readouterr().err == '\ncxrjax: error: ckpt/10: checkpoint does not match this model\n'

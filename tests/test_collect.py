@@ -8,8 +8,8 @@ from cxrjax.eval import collect
 
 
 def _run(path, f1, per_class=None, auroc=0.9, accuracy=0.7):
-  t = dict(accuracy=accuracy, precision=0.5, recall=0.25, specificity=0.75, f1=f1, balanced_accuracy=0.5, mcc=0.1, kappa=0.1,
-           auroc=auroc, auprc=0.8)  # fmt: skip
+  t = dict(accuracy=accuracy, precision=0.5, recall=0.25, specificity=0.75, f1=f1, balanced_accuracy=0.5, mcc=0.1,
+           kappa=0.1, auroc=auroc, auprc=0.8)  # fmt: skip
   if per_class:
     t['per_class'] = per_class
   path.mkdir(parents=True)
@@ -54,3 +54,17 @@ def test_summary_rows_are_median_and_mean_sd_over_seeds(tmp_path, capsys):
   # numpy's sample standard deviation (ddof=1), independently of the statistics module used by collect.
   assert mean[acc_col] == f'0.873 ± {np.std([r[0] for r in runs], ddof=1):.3f}'
   assert mean[head.index('f1')] == '0.500 ± 0.000'
+
+
+def test_summary_counts_runs_that_lack_a_metric(tmp_path):
+  _run(tmp_path / 'seed_0', 0.5, auroc=0.9)
+  _run(tmp_path / 'seed_1', 0.7, auroc=None)  # e.g. a run whose test split had one class
+  _run(tmp_path / 'single', 0.5)
+  out = collect.table([str(tmp_path / 'seed_0'), str(tmp_path / 'seed_1')], summary=True).splitlines()
+  head = out[0].split(' | ')
+  col = head.index('auroc')
+  assert out[3].split(' | ')[col] == '—'
+  assert out[-2].split(' | ')[col] == '0.900 (n=1)' and out[-1].split(' | ')[col] == '0.900 (n=1)'
+  assert out[-1].split(' | ')[head.index('f1')] == '0.600 ± 0.141'
+  one = collect.table([str(tmp_path / 'single')], summary=True).splitlines()
+  assert one[-1].split(' | ')[col] == '0.900'  # one run: no spread to show

@@ -29,9 +29,9 @@ PyTorch thread only and skips torch.compile unless `--torch-compile`, for tests)
   `$CXRJAX_DATA_DIR/pneumoniamnist.npz` (default: ../shared/data beside the checkout), the config's default
   augmentation, batch 128, with 1 and 2 threads; host only, no model.
 
-Method. Inputs are fixed random batches made once (no input pipeline in the model rows). JAX training steps run as the trainers
-run them, on a data-parallel mesh of every local device (one CPU device unless XLA_FLAGS sets
-`--xla_force_host_platform_device_count`); sampling runs on one device. Each model runs in
+Method. Inputs are fixed random batches made once (no input pipeline in the model rows). JAX training
+steps run as the trainers run them, on a data-parallel mesh of every local device (one CPU device unless
+XLA_FLAGS sets `--xla_force_host_platform_device_count`); sampling runs on one device. Each model runs in
 a fresh worker process, and all its variants run in that process, interleaved: repetition r runs a block of
 N steps of each variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2
 and 1 intra-op threads; torch.compile), the order rotated by one each repetition, so all see the same load.
@@ -47,7 +47,8 @@ the row says 'n/a' and why.
 If a variant kills its worker (a native crash cannot be caught in-process), the model is measured again
 without the variant that was running, and the row names it with the crash.
 
-JAX compile time (`compile_s`) is `jax.jit(step, donate_argnums=0).lower(...).compile()` wall time, measured
+JAX compile time (`compile_s`) is the wall time of `jax.jit(step, in_shardings=..., out_shardings=...,
+donate_argnums=0).lower(...).compile()` on that mesh, measured
 before any step runs; `jax_first_step_s` is the first execution after it. `torch_compile_s` is the wall time of
 the first torch.compile step (compilation of forward and backward included).
 
@@ -56,12 +57,14 @@ growth of the process's resident set (Linux: VmHWM after resetting it through /p
 to VmRSS at the start; elsewhere the growth of getrusage's ru_maxrss, which misses peaks below an earlier one)
 from just before its parameters are created until the end of its warm-up steps, after `malloc_trim`. So it
 counts parameters, optimizer state, gradients, activations and temporaries, but not compiler memory (JAX's
-step is compiled before) nor the runtimes themselves.
+step is compiled before) nor the runtimes themselves. On N forced CPU devices the replicated state is held N
+times in host memory, so peak memory is comparable only between rows with the same `jax_mesh_devices`.
 
 Results: `--out PATH` writes PATH, a JSON list of rows, and the same table as Markdown to PATH with the suffix
 .md (with the machine description). Every row has `model, kind ('train' | 'sample' | 'input'),
 jax_images_per_s, torch_images_per_s (fastest eager setting), ratio (JAX / PyTorch), compile_s, peak_mem_mb (JAX),
-jax_devices (devices of the JAX step's mesh; 1 for sampling), torch_setting, torch_threads,
+jax_mesh_devices and jax_batch_split (devices of the JAX step's batch sharding as compiled, and whether the
+batch is split over them; None for sampling and failed steps), torch_setting, torch_threads,
 torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format), torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),
 torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax_images_per_s_range and
@@ -220,7 +223,8 @@ class Runner:
   setting: Any = None  # TorchSetting of a PyTorch variant
   pruned: bool = False  # not timed: much slower than the fastest eager variant in warm-up
   per_step: list[float] = dataclasses.field(default_factory=list)
-  devices: int = 1  # JAX: devices of the mesh the step ran on
+  mesh_devices: int | None = None  # JAX step: devices of the compiled batch sharding
+  batch_split: bool | None = None  # JAX step: whether that sharding splits the batch
 
   def images_per_s(self, batch: int) -> float | None:
     if self.error or not self.per_step:
@@ -261,6 +265,9 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
     A warmed-up `Runner`.
   """
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  rows = len(next(iter(batch.values())))
+  if rows % mesh.devices.size:
+    raise ValueError(f'batch of {rows} is not a multiple of the {mesh.devices.size} devices of the mesh')
   rep, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   batch = jax.device_put(batch, split)
   rng = jax.device_put(jax.random.key(1), rep)
@@ -282,7 +289,11 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
       holder[0], out = step_c(holder[0], batch, rng)
     jax.block_until_ready((holder[0], out))
 
-  return _warm_up(Runner(name, run, compile_s=compile_s, devices=mesh.devices.size), meter)
+  # What the compiled step really takes, not what was asked for: (args, kwargs) -> args[1] is the batch.
+  batch_in = jax.tree.leaves(step_c.input_shardings[0][1])[0]
+  runner = Runner(name, run, compile_s=compile_s, mesh_devices=len(batch_in.device_set),
+                  batch_split=not batch_in.is_fully_replicated)  # fmt: skip
+  return _warm_up(runner, meter)
 
 
 def jax_call_runner(fn, init_fn, args: tuple, name: str = 'jax') -> Runner:
@@ -856,7 +867,8 @@ def measure(
     ratio=_round(jax_ips / torch_ips, 3) if jax_ips and torch_ips else None,
     compile_s=_round(jx.compile_s, 2),
     peak_mem_mb=_round(jx.peak_mem_mb, 1),
-    jax_devices=jx.devices,
+    jax_mesh_devices=jx.mesh_devices,
+    jax_batch_split=jx.batch_split,
     torch_setting=best.name if best else None,
     torch_threads=best.setting.threads if best else None,
     torch_contiguous_images_per_s=_round(per_format['contiguous']),

@@ -8,7 +8,8 @@ Each row is a workdir (generative runs: their top-level metrics.json); the test
 metrics are at threshold 0.5 (binary) or arg-max (K classes), with F1 and
 balanced accuracy and accuracy also at the Youden threshold chosen on validation
 (binary). With `--summary` (runs of one method over several seeds), two rows
-follow: the median and the mean ± sample standard deviation of every column.
+follow: the median and the mean ± sample standard deviation of every metric
+column, over the runs that have it (with n when that is not all of them).
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def _summary_rows(values: list[list[float | None]]) -> list[str]:
   med, mean = ['**median**', ''], ['**mean ± sd**', '']
   for col in values:
     xs = [x for x in col if x is not None]
-    med.append(_f(statistics.median(xs)) if xs else '—')
+    n = f' (n={len(xs)})' if 0 < len(xs) < len(col) else ''  # only some runs have this metric
+    med.append(_f(statistics.median(xs)) + n if xs else '—')
     sd = f' ± {statistics.stdev(xs):.3f}' if len(xs) > 1 else ''
-    mean.append(f'{statistics.fmean(xs):.3f}{sd}' if xs else '—')
+    mean.append(f'{statistics.fmean(xs):.3f}{sd}{n}' if xs else '—')
   return ['| ' + ' | '.join(med) + ' |', '| ' + ' | '.join(mean) + ' |']
 
 
