@@ -65,7 +65,8 @@ Results: `--out PATH` writes PATH, a JSON list of rows, and the same table as Ma
 jax_images_per_s, torch_images_per_s (fastest eager setting), ratio (JAX / PyTorch), compile_s, peak_mem_mb (JAX),
 jax_mesh_devices and jax_batch_split (devices of the JAX step's batch sharding as compiled, and whether the
 batch is split over them; None for sampling and failed steps), torch_setting, torch_threads,
-torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format), torch_variants (every eager variant: images/s, or why not timed),
+torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format),
+torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),
 torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax_images_per_s_range and
 torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (side of the input: pixels, or

@@ -40,7 +40,7 @@ def load(workdir: str) -> dict:
 YOUDEN_COLUMNS = ('f1', 'balanced_accuracy', 'accuracy')
 
 
-def _summary_rows(values: list[list[float | None]]) -> list[str]:
+def _summary_rows(values: list[tuple[float | None, ...]]) -> list[str]:
   """Median and mean ± sd rows of a column-major list of values (None where a run lacks the metric)."""
   med, mean = ['**median**', ''], ['**mean ± sd**', '']
   for col in values:
@@ -73,7 +73,7 @@ def table(workdirs: list[str], per_class: bool = False, summary: bool = False) -
         extra.append(f'| {name} | {pc["name"]} | {pc["support"]} | {_f(pc["precision"])} | {_f(pc["recall"])} |'
                      f' {_f(pc["specificity"])} | {_f(pc["f1"])} | {_f(pc["auroc"])} |')  # fmt: skip
   if summary:
-    lines += _summary_rows([list(col) for col in zip(*columns, strict=True)])
+    lines += _summary_rows(list(zip(*columns, strict=True)))
   out = '\n'.join(lines)
   if extra:
     out += ('\n\nPer class (test, one-vs-rest):\n\n| run | class | support | precision | recall | specificity | F1 |'
