@@ -157,7 +157,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
-  assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout
+  assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: glibc' in proc.stdout
 
 
 def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):

@@ -25,6 +25,7 @@ def assert_outputs(workdir):
       for key in METRIC_KEYS:
         assert key in m[split][thr], (split, thr, key)
   assert m['run']['versions']['jax']
+  assert m['run']['malloc'].startswith(('glibc', 'unchanged'))  # what cxrjax._xla_env did to malloc
   assert m['run']['seed'] == 0
   assert m['train']['wall_time_s'] > 0
   return m
@@ -40,6 +41,8 @@ def test_smoke_baseline_on_pneumoniamnist(tmp_path):
   assert m['data']['counts']['trained_on'] == m['data']['counts']['train_imbalanced']
   assert 'PHANTOM' not in (wd / 'report.md').read_text()
   assert 'pneumoniamnist.npz' in r.stderr  # the banner names the data
+  if m['run']['malloc'].startswith('glibc'):  # and the malloc setting that trades memory for speed
+    assert f'malloc: {m["run"]["malloc"]}' in r.stderr
 
 
 def test_smoke_on_kermany_folder(tmp_path, chest_xray):

@@ -72,7 +72,7 @@ torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax
 torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (side of the input: pixels, or
 latent size), input_shape, params_jax, params_torch, steps_per_rep, reps, mem_method, load_avg, notes`, and
 `errors` when the JAX variant or the worker failed. Input rows have `images_per_s` and `num_threads`; their
-JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, load)
+JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, malloc, load)
 are printed too. On a shared machine the numbers move with the load; compare within a row (same run,
 interleaved), not across runs.
 """
@@ -108,7 +108,7 @@ import numpy as np
 import optax
 
 import cxrjax  # noqa: F401 - sets XLA flags before the JAX backend starts
-from cxrjax import config_lib, diffusion
+from cxrjax import _xla_env, config_lib, diffusion
 from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
@@ -987,6 +987,7 @@ def machine_description(torch_threads: tuple[int, ...] = TORCH_THREADS) -> dict:
     torch=_version('torch'),
     torch_threads=list(torch_threads),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
+    malloc=_xla_env.malloc_setting,
     jax_devices=[str(d) for d in jax.devices()],
   )
 
@@ -1044,7 +1045,7 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
     f'Machine: {m["cpu"]}, {m["logical_cores"]} logical cores ({m["usable_cores"]} usable), load average'
     f' {m["load_avg"][0]} at the start; python {m["python"]}, jax {m["jax"]}, jaxlib {m["jaxlib"]}, flax {m["flax"]},'
     f' optax {m["optax"]}, grain {m["grain"]}, torch {m["torch"]} (threads tried: {m["torch_threads"]});'
-    f' XLA_FLAGS={m["xla_flags"]!r}.',
+    f' XLA_FLAGS={m["xla_flags"]!r}; malloc: {m.get("malloc", "unrecorded")}.',
     f'Command: `{command}`',
   ]
   return '\n'.join(lines) + '\n'

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cxrjax import config_lib, fileio, progress, seeding
+from cxrjax import _xla_env, config_lib, fileio, progress, seeding
 from cxrjax.data import imbalance, rebalance, sources
 from cxrjax.data.dataset import Dataset, Split
 from cxrjax.errors import UserError
@@ -161,6 +161,7 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     process_count=jax.process_count(),
     platform=jax.default_backend(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
+    malloc=_xla_env.malloc_setting,
     command=command_line(),
     host=platform.node(),
   )
@@ -262,6 +263,9 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
     f' ({data.training_set.method})',
     f'val {ds.splits["val"].class_counts(k)} | test {ds.splits["test"].class_counts(k)}',
   ]
+  if _xla_env.malloc_setting.startswith('glibc'):
+    # Faster CPU steps at the price of a larger peak heap: say so where a user looks.
+    lines.append(f'malloc: {_xla_env.malloc_setting} (freed memory kept for reuse; CXRJAX_KEEP_MALLOC=1 undoes)')
   if any(data.leakage.values()):
     lines.append(f'note: identical images across splits in the source data: {data.leakage}')
   lines.append('=' * 78)
