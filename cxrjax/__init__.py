@@ -1,7 +1,8 @@
 """cxrjax: generative oversampling against class imbalance in medical images.
 
-Importing the package sets XLA flags that it needs for CPU speed (see
-`cxrjax._xla_env`); everything else is imported from submodules explicitly.
+Importing the package sets the XLA flags, glibc malloc options and compilation
+cache that it needs for CPU speed (see `cxrjax._xla_env`); everything else is
+imported from submodules explicitly.
 """
 
 from cxrjax import _xla_env

@@ -11,7 +11,8 @@ frees it afterwards (1.34 GB for a ResNet-18 training step at 28 px, batch 128).
 glibc serves blocks that large with a fresh `mmap` and returns them with
 `munmap`, so every step page-faults its whole scratch buffer in again (330,000
 faults per step). `configure_malloc` keeps freed memory in the heap instead,
-where the next step finds it; `CXRJAX_KEEP_MALLOC=1` leaves malloc alone.
+where the next step finds it, at the price of a larger peak heap;
+`CXRJAX_KEEP_MALLOC=1` leaves malloc alone.
 """
 
 import ctypes
@@ -62,33 +63,56 @@ def _compilation_cache() -> None:
 
 
 def configure_malloc() -> str:
-  """Makes glibc malloc reuse freed memory instead of returning it to the OS; returns what was done.
+  """Makes glibc malloc reuse freed memory instead of returning it to the OS.
 
   Three settings, all needed (each alone leaves the page faults): one arena, so
   that XLA's worker threads allocate from the main heap (other arenas `mmap`
   every block over 64 MB whatever the limits say); no `mmap` for large blocks;
-  and no trimming of the heap's free top. The cost is that the process keeps
-  its peak heap until it exits, which a training run reaches anyway. Call it
-  before JAX starts its CPU client: threads that have already allocated keep
-  their arenas. A no-op (returning why) without glibc or with
-  `CXRJAX_KEEP_MALLOC=1`.
+  and no trimming of the heap's free top. Costs: the process keeps its peak
+  heap until it exits, fragmentation adds to it (BUILD_NOTES.md: 1.4-2.5x on
+  CPU), and all threads share one malloc lock (XLA allocates a few large blocks
+  per step, so it is not contended). It only works before JAX starts its CPU
+  client: threads that have already allocated keep their arenas, so when JAX
+  was started first this is recorded as having no effect.
+
+  Returns:
+    What was done, also kept in `malloc_setting`: 'glibc <version>: ...' when
+    set, otherwise 'unchanged (<why>)'.
   """
   global malloc_setting
   if os.environ.get('CXRJAX_KEEP_MALLOC'):
     malloc_setting = 'unchanged (CXRJAX_KEEP_MALLOC)'
+    return malloc_setting
+  if not sys.platform.startswith('linux'):
+    malloc_setting = 'unchanged (not glibc)'
     return malloc_setting
   try:
     libc = ctypes.CDLL(None)
     libc.gnu_get_libc_version.restype = ctypes.c_char_p
     version = libc.gnu_get_libc_version().decode()
     mallopt = libc.mallopt
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):  # musl and other libcs have no gnu_get_libc_version
     malloc_setting = 'unchanged (not glibc)'
+    return malloc_setting
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  if _jax_backend_started():
+    malloc_setting = f'unchanged (glibc {version}: JAX had started before cxrjax was imported)'
     return malloc_setting
   # mallopt takes an int; -1 as the trim threshold is SIZE_MAX inside glibc: never trim.
   done = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1)]
   if all(done):
     malloc_setting = f'glibc {version}: arena_max=1, mmap_max=0, trim_threshold=off'
   else:
-    malloc_setting = f'glibc {version}: mallopt refused ({done})'
+    malloc_setting = f'unchanged (glibc {version}: mallopt refused: {done})'
   return malloc_setting
+
+
+def _jax_backend_started() -> bool:
+  if 'jax' not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # noqa: PLC0415 - only when JAX is already imported
+
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # a JAX without this private helper: assume it may have started
+    return True

@@ -18,7 +18,6 @@ import difflib
 import os
 import re
 import sys
-import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,10 +37,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --dis
 def fail(message: str) -> None:
   line = f'cxrjax: error: {" ".join(str(message).split())}\n'
   # Background threads (orbax's checkpoint I/O after a failed restore) can be printing to
-  # stderr at this moment, and print() writes text and newline separately. So: one write,
-  # on a fresh line when other threads are alive, and the error stays a line of its own.
-  if threading.active_count() > 1:
-    line = '\n' + line
+  # stderr at this moment, and a traceback is written in pieces. So: one write, always on
+  # a fresh line, and the error stays a line of its own. (A fresh line only while other
+  # threads were alive still failed once in `./dev test`.)
+  line = '\n' + line
   sys.stderr.flush()
   try:
     os.write(sys.stderr.fileno(), line.encode())
