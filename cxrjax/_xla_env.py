@@ -95,8 +95,10 @@ def configure_malloc() -> str:
     malloc_setting = 'unchanged (not glibc)'
     return malloc_setting
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  if _jax_backend_started():
-    malloc_setting = f'unchanged (glibc {version}: JAX had started before cxrjax was imported)'
+  started = _jax_backend_started()
+  if started is not False:
+    why = 'JAX had started before cxrjax was imported' if started else 'cannot tell whether JAX has started'
+    malloc_setting = f'unchanged (glibc {version}: {why})'
     return malloc_setting
   # mallopt takes an int; -1 as the trim threshold is SIZE_MAX inside glibc: never trim.
   done = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1)]
@@ -107,12 +109,13 @@ def configure_malloc() -> str:
   return malloc_setting
 
 
-def _jax_backend_started() -> bool:
+def _jax_backend_started() -> bool | None:
+  """Whether JAX's backends (and their threads) exist already; None when this JAX cannot tell."""
   if 'jax' not in sys.modules:
     return False
   try:
     from jax._src import xla_bridge  # noqa: PLC0415 - only when JAX is already imported
 
     return bool(xla_bridge.backends_are_initialized())
-  except (ImportError, AttributeError):  # a JAX without this private helper: assume it may have started
-    return True
+  except (ImportError, AttributeError):  # a JAX without this private helper
+    return None

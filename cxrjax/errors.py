@@ -2,7 +2,7 @@
 
 Library code raises `UserError` with a one-line message that names the file, key
 or value at fault and what was expected; `cxrjax.main` prints it as
-`cxrjax: error: <message>` and exits with status 2.
+`cxrjax: error: <message>` on a line of its own and exits with status 2.
 """
 
 

@@ -8,8 +8,8 @@ Multi-host: `--distributed` (or CXRJAX_DISTRIBUTED=1) calls
 under Slurm; for N processes on one machine give `--coordinator=host:port
 --num_processes=N --process_id=i` (see launch/local_multiprocess.sh).
 
-Problems the user can fix end the run with one line on stderr,
-`cxrjax: error: ...`, and exit status 2.
+Problems the user can fix end the run with one line on stderr (after a blank
+line), `cxrjax: error: ...`, and exit status 2.
 """
 
 from __future__ import annotations

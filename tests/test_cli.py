@@ -143,6 +143,7 @@ def test_bad_input_one_line_exit_2_no_outputs(case, tmp_path, chest_xray):
 def test_error_is_one_whole_line_while_other_threads_print(capfd):
   # orbax's background threads can still be writing tracebacks when a failed restore ends the
   # run; the error goes out in one write, on a line of its own, so it is never split or prefixed.
+  # (The thread is the original scenario; fail() now starts a fresh line with or without it.)
   from cxrjax import main  # noqa: PLC0415
 
   stop = threading.Event()
