@@ -35,12 +35,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --dis
 
 
 def fail(message: str) -> None:
-  line = f'cxrjax: error: {" ".join(str(message).split())}\n'
   # Background threads (orbax's checkpoint I/O after a failed restore) can be printing to
   # stderr at this moment, and a traceback is written in pieces. So: one write, always on
   # a fresh line, and the error stays a line of its own. (A fresh line only while other
   # threads were alive still failed once in `./dev test`.)
-  line = '\n' + line
+  line = f'\ncxrjax: error: {" ".join(str(message).split())}\n'
   sys.stderr.flush()
   try:
     os.write(sys.stderr.fileno(), line.encode())
