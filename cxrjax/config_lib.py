@@ -216,6 +216,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 fills with the devices left over
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # parameters smaller than this stay replicated
+  # 'auto': oneDNN convolutions on a single CPU device when the `onednn` extra is installed
+  # (cxrjax/ops/onednn.py; ResNet-18's step 1.3x faster here), XLA's otherwise; or 'onednn', 'xla'.
+  c.convolution = 'auto'
   return c
 
 
@@ -368,6 +371,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'model.name', MODELS)
   _one_of(config, 'model.stem', ('auto', 'cifar', 'imagenet'))
   _one_of(config, 'model.dtype', ('float32', 'bfloat16'))
+  _one_of(config, 'convolution', ('auto', 'onednn', 'xla'))
   _one_of(config, 'optim.name', OPTIMIZERS)
   _one_of(config, 'optim.schedule', SCHEDULES)
   _one_of(config, 'loss.name', LOSSES)

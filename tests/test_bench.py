@@ -156,9 +156,11 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['torch_compile_images_per_s'] is None and row['torch_compile'].startswith('n/a')
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
+  assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: ' in proc.stdout
+  assert 'convolutions (ResNet-18, DCGAN, UNet): oneDNN 3.' in proc.stdout
 
 
 def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
@@ -172,6 +174,7 @@ def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
   (row,) = json.loads(out.read_text())
   # Read from the compiled step's input sharding: the batch really is split over both devices.
   assert row['jax_mesh_devices'] == 2 and row['jax_batch_split'] is True and row['jax_images_per_s'] > 0
+  assert row['jax_convolution'].startswith('xla (oneDNN not used: 2 devices')  # not partitioned: XLA's
   assert 'xla_force_host_platform_device_count=2' in out.with_suffix('.md').read_text()
 
 

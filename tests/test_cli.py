@@ -43,6 +43,9 @@ def test_smoke_baseline_on_pneumoniamnist(tmp_path):
   assert 'pneumoniamnist.npz' in r.stderr  # the banner names the data
   if m['run']['malloc'].startswith('glibc'):  # and the malloc setting that trades memory for speed
     assert f'malloc: {m["run"]["malloc"]}' in r.stderr
+  # One CPU device and the `onednn` extra installed: convolutions on oneDNN, said in both places.
+  assert m['run']['convolution'].startswith('oneDNN 3.'), m['run']['convolution']
+  assert f'convolutions: {m["run"]["convolution"]}' in r.stderr
 
 
 def test_smoke_on_kermany_folder(tmp_path, chest_xray):

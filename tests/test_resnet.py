@@ -41,7 +41,8 @@ def test_forward_shapes_and_cam_features():
 def test_strided_conv_keeps_nn_conv_parameter_tree(monkeypatch):
   """Checkpoints from before StridedConv (nn.Conv everywhere) must load unchanged: same paths, shapes, init."""
 
-  def plain_conv(features, k, dtype, kernel_init, name):
+  def plain_conv(features, k, dtype, kernel_init, name, conv_impl='xla'):
+    del conv_impl  # stock nn.Conv
     pad = ((k // 2, k // 2),) * 2
     return nn.Conv(features, (k, k), 2, padding=pad, use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name)
 

@@ -113,6 +113,7 @@ from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
 from cxrjax.models import build_classifier
+from cxrjax.ops import onednn
 from cxrjax.trainers import classifier, gan, ldm
 
 MODELS = ('resnet18_28', 'resnet18_64', 'dcgan', 'unet', 'efficientnet_v2_b0', 'efficientnet_v2_s')
@@ -406,6 +407,7 @@ class Case:
   params_torch: int | None = None
   compile_torch: bool = True
   notes: str = ''
+  convolution: str = 'xla'  # what the JAX variant's convolutions run on (`onednn.resolve`)
 
 
 def _count(tree) -> int:
@@ -416,15 +418,16 @@ def _random_images(batch: int, size: int, channels: int, seed: int = 0) -> np.nd
   return np.random.default_rng(seed).integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
 
 
-def classifier_case(name: str, s: dict) -> Case:
+def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
   """ResNet-18 or EfficientNetV2 training step (`classifier.make_train_step`)."""
   batch, size = s['batch'], s['image_size']
+  conv_impl, conv_note = onednn.resolve(convolution) if name.startswith('resnet18') else ('xla', 'xla')
   mc = config_lib.base_config().model
   if name.startswith('resnet18'):
     mc.name, mc.width, mc.stem = 'resnet18', s['width'], 'cifar'
   else:
     mc.name, mc.width_mult, mc.depth_mult = name, s['width'], s['depth']
-  model = build_classifier(mc, 2, (size, size, 1))
+  model = build_classifier(mc, 2, (size, size, 1), conv_impl)
   tx = optax.adam(1e-3)
   loss_cfg = ml_collections.ConfigDict(dict(name='ce', focal_gamma=2.0, label_smoothing=0.0))
   images = _random_images(batch, size, 1)
@@ -469,7 +472,7 @@ def classifier_case(name: str, s: dict) -> Case:
     f'EfficientNetV2-{model.variant.upper()}, stem stride {model.stem_stride}, width x{s["width"]}, depth x{s["depth"]}'
   )  # fmt: skip
   return Case(name, 'train', batch, size, (size, size, 1), make_jax, build, params_jax, params_torch,
-              notes=f'{what}, 1 channel, 2 classes, Adam 1e-3')  # fmt: skip
+              notes=f'{what}, 1 channel, 2 classes, Adam 1e-3', convolution=conv_note)  # fmt: skip
 
 
 def _count_torch(*modules) -> int:
@@ -488,9 +491,11 @@ def _gan_config(s: dict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def dcgan_cases(s: dict) -> list[Case]:
+def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   """The DCGAN training step (`gan.make_gan_step`) and G sampling in eval mode."""
   cfg = _gan_config(s)
+  cfg.convolution = convolution
+  conv_note = onednn.resolve(convolution)[1]
   g = cfg.gan
   batch, size, latent = s['batch'], s['image_size'], g.latent_dim
   gen, disc = gan.build(cfg, 1, 2)
@@ -559,7 +564,8 @@ def dcgan_cases(s: dict) -> list[Case]:
   params_torch = _count_torch(*torch_nets()) if torch else None
   train = Case('dcgan', 'train', batch, size, (size, size, 1), make_jax, build, params_g + params_d, params_torch,
                notes=f'64-px DCGAN G+D step (ngf=ndf={g.g_width}, upsample {g.upsample!r}, D norm {g.d_norm!r}),'
-               f' G {params_g:,} + D {params_d:,} params, Adam 2e-4 b1 0.5, non-saturating loss, EMA of G')  # fmt: skip
+               f' G {params_g:,} + D {params_d:,} params, Adam 2e-4 b1 0.5, non-saturating loss, EMA of G',
+               convolution=conv_note)  # fmt: skip
 
   sb = s['sample_batch']
   z = np.random.default_rng(2).standard_normal((sb, latent)).astype(np.float32)
@@ -583,7 +589,7 @@ def dcgan_cases(s: dict) -> list[Case]:
 
   sample = Case('dcgan_sample', 'sample', sb, size, (size, size, 1), make_jax_sample, build_sample, params_g,
                 _count_torch(torch_nets()[0]) if torch else None, compile_torch=False,
-                notes='DCGAN G forward in eval mode (EMA variables), to uint8')  # fmt: skip
+                notes='DCGAN G forward in eval mode (EMA variables), to uint8', convolution=conv_note)  # fmt: skip
   return [train, sample]
 
 
@@ -596,9 +602,11 @@ def _ldm_config(s: dict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def unet_cases(s: dict) -> list[Case]:
+def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   """The latent denoiser step (`ldm.make_diffusion_step`, no autoencoder) and DDIM sampling."""
   cfg = _ldm_config(s)
+  cfg.convolution = convolution
+  conv_note = onednn.resolve(convolution)[1]
   u, lc = cfg.ldm.unet, cfg.ldm
   num_classes, batch, hw = 2, s['batch'], s['latent_size']
   ch = cfg.ldm.ae.latent_channels
@@ -668,7 +676,7 @@ def unet_cases(s: dict) -> list[Case]:
                notes=f'latent UNet denoiser step, base {u.base_channels}, mults {tuple(u.channel_mults)},'
                f' {u.num_res_blocks} res blocks, attention at {tuple(u.attention_levels)}, {u.num_heads} heads,'
                f' random {hw}x{hw}x{ch} latents (no autoencoder), Adam {u.lr:g}, label dropout'
-               f' {lc.label_dropout}, EMA')  # fmt: skip
+               f' {lc.label_dropout}, EMA', convolution=conv_note)  # fmt: skip
 
   sb, steps = s['sample_batch'], lc.sample_steps
   sample_labels = (np.arange(sb) % num_classes).astype(np.int32)
@@ -711,18 +719,18 @@ def unet_cases(s: dict) -> list[Case]:
   sample = Case(f'ldm_ddim{steps}_sample', 'sample', sb, hw, (hw, hw, ch), make_jax_sample, build_sample, params_jax,
                 params_torch, compile_torch=False,
                 notes=f'DDIM-{steps} (eta 0) over {hw}x{hw}x{ch} latents with guidance {lc.guidance_scale:g}'
-                ' (cond + uncond in one call per step); latents only, no decoder')  # fmt: skip
+                ' (cond + uncond in one call per step); latents only, no decoder', convolution=conv_note)  # fmt: skip
   return [train, sample]
 
 
-def cases_for(name: str, quick: bool) -> list[Case]:
+def cases_for(name: str, quick: bool, convolution: str = 'auto') -> list[Case]:
   s = (QUICK if quick else FULL)[name]
   if name in ('resnet18_28', 'resnet18_64', 'efficientnet_v2_b0', 'efficientnet_v2_s'):
-    return [classifier_case(name, s)]
+    return [classifier_case(name, s, convolution)]
   if name == 'dcgan':
-    return dcgan_cases(s)
+    return dcgan_cases(s, convolution)
   if name == 'unet':
-    return unet_cases(s)
+    return unet_cases(s, convolution)
   raise ValueError(f'unknown model {name!r}')
 
 
@@ -870,6 +878,7 @@ def measure(
     peak_mem_mb=_round(jx.peak_mem_mb, 1),
     jax_mesh_devices=jx.mesh_devices,
     jax_batch_split=jx.batch_split,
+    jax_convolution=case.convolution,
     torch_setting=best.name if best else None,
     torch_threads=best.setting.threads if best else None,
     torch_contiguous_images_per_s=_round(per_format['contiguous']),
@@ -1045,7 +1054,8 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
     f'Machine: {m["cpu"]}, {m["logical_cores"]} logical cores ({m["usable_cores"]} usable), load average'
     f' {m["load_avg"][0]} at the start; python {m["python"]}, jax {m["jax"]}, jaxlib {m["jaxlib"]}, flax {m["flax"]},'
     f' optax {m["optax"]}, grain {m["grain"]}, torch {m["torch"]} (threads tried: {m["torch_threads"]});'
-    f' XLA_FLAGS={m["xla_flags"]!r}; malloc: {m.get("malloc", "unrecorded")}.',
+    f' XLA_FLAGS={m["xla_flags"]!r}; malloc: {m.get("malloc", "unrecorded")};'
+    f' convolutions (ResNet-18, DCGAN, UNet): {m.get("convolution", "xla")}.',
     f'Command: `{command}`',
   ]
   return '\n'.join(lines) + '\n'
@@ -1073,6 +1083,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--torch-compile', action='store_true', help='measure torch.compile even with --quick')
   parser.add_argument('--torch-threads', default=None,
                       help='PyTorch thread counts to try, comma-separated (default 2,1; 1 with --quick)')  # fmt: skip
+  parser.add_argument('--convolution', default='auto', choices=onednn.CHOICES,
+                      help="JAX convolutions (ResNet-18, DCGAN, UNet rows): 'auto' (oneDNN on one CPU device when built), 'onednn', 'xla'")  # fmt: skip
   # Internal: one model in a worker process (see `_run_model`).
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker-result', default=None, help=argparse.SUPPRESS)
@@ -1106,11 +1118,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
   command = 'python -m cxrjax.bench ' + ' '.join(sys.argv[1:] if argv is None else argv)
   machine = machine_description(torch_threads)
+  machine['convolution'] = onednn.resolve(args.convolution)[1]
   if _torch() is None:
     _log('PyTorch is not installed: JAX only (pip install .[bench] for the baselines)')
   forward = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}',
              f'--torch-threads={",".join(map(str, torch_threads))}']  # fmt: skip
   forward += [f'--steps={args.steps}'] if args.steps else []
+  forward += [f'--convolution={args.convolution}']
   forward += [flag for flag, on in (('--quick', args.quick), ('--no-torch-compile', args.no_torch_compile),
                                     ('--torch-compile', args.torch_compile)) if on]  # fmt: skip
   rows: list[dict] = []
@@ -1201,7 +1215,7 @@ def _worker(args, torch_threads: tuple[int, ...]) -> None:
       emit(row)
     return
   done = {row['model'] for row in _read_jsonl(result)}
-  for case in cases_for(args.worker, args.quick):
+  for case in cases_for(args.worker, args.quick, args.convolution):
     if case.model in done:
       continue
     _log(f'[{case.model}] batch {case.batch}, input {case.input_shape}, load average {os.getloadavg()[0]:.1f}')

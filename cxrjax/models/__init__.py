@@ -9,15 +9,16 @@ from cxrjax.models import efficientnet_v2, resnet
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def _resnet18(model_config, num_classes: int, image_shape):
+def _resnet18(model_config, num_classes: int, image_shape, conv_impl: str):
   stem = model_config.stem
   if stem == 'auto':
     stem = 'imagenet' if image_shape[0] >= 128 else 'cifar'
-  return resnet.resnet18(num_classes, model_config.width, stem, DTYPES[model_config.dtype])
+  return resnet.resnet18(num_classes, model_config.width, stem, DTYPES[model_config.dtype], conv_impl)
 
 
 def _efficientnet_v2(variant: str):
-  def build(model_config, num_classes: int, image_shape):
+  def build(model_config, num_classes: int, image_shape, conv_impl: str):
+    del conv_impl  # XLA's convolutions (its depthwise ones are not oneDNN's case)
     stem = model_config.stem
     if stem == 'auto':
       stem = 'imagenet' if image_shape[0] > 64 else 'cifar'
@@ -41,6 +42,13 @@ CLASSIFIERS = {
 }
 
 
-def build_classifier(model_config, num_classes: int, image_shape):
-  """The classifier named by `model_config.name` (a Flax linen module)."""
-  return CLASSIFIERS[model_config.name](model_config, num_classes, image_shape)
+def build_classifier(model_config, num_classes: int, image_shape, conv_impl: str = 'xla'):
+  """The classifier named by `model_config.name` (a Flax linen module).
+
+  Args:
+    model_config: `config.model`.
+    num_classes: output logits.
+    image_shape: (h, w, c) of the inputs.
+    conv_impl: 'xla' or 'onednn', as resolved by `cxrjax.ops.onednn.resolve(config.convolution)`.
+  """
+  return CLASSIFIERS[model_config.name](model_config, num_classes, image_shape, conv_impl)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.models.upsample import Conv2x, ConvTranspose2x, Project, dcgan_init
+from cxrjax.ops import onednn
 
 UPSAMPLE_MODES = ('transpose', 'resize', 'transpose_xla')
 DOWNSAMPLE_MODES = ('fast', 'xla')
@@ -98,6 +99,7 @@ class Generator(nn.Module):
       block) or 'transpose_xla' (stock `nn.ConvTranspose`, same function with
       a spatially flipped kernel; slow to train on CPU, kept as the reference).
     dtype: compute dtype (parameters stay float32; images come out float32).
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
   """
 
   image_size: int = 64
@@ -107,10 +109,11 @@ class Generator(nn.Module):
   num_classes: int = 0
   upsample: str = 'transpose'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   def _up_layer(self, features: int, name: str):
     if self.upsample == 'transpose':
-      return ConvTranspose2x(features, dtype=self.dtype, name=name)
+      return ConvTranspose2x(features, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
     if self.upsample == 'transpose_xla':
       # Torch's padding 1 for a 4x4 kernel is 4 - 1 - 1 = 2 on the dilated input.
       return nn.ConvTranspose(
@@ -118,8 +121,9 @@ class Generator(nn.Module):
         dtype=self.dtype, name=name,
       )  # fmt: skip
     conv = nn.Conv(
-      features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype, name=name
-    )
+      features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype,
+      conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name=name,
+    )  # fmt: skip
 
     def resize_conv(x):
       b, h, w, c = x.shape
@@ -175,6 +179,7 @@ class Discriminator(nn.Module):
       `lhs_dilation` convolution on CPU) or 'xla' (stock `nn.Conv`); both
       compute the same function with the same parameters.
     dtype: compute dtype (parameters stay float32; logits come out float32).
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
   """
 
   image_size: int = 64
@@ -184,6 +189,7 @@ class Discriminator(nn.Module):
   norm: str = 'batch'
   downsample: str = 'fast'
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, labels=None, train: bool = True):
@@ -197,7 +203,7 @@ class Discriminator(nn.Module):
     _check_labels(self.num_classes, labels, x.shape[0])
     x = x.astype(self.dtype)
     if self.downsample == 'fast':
-      down = functools.partial(Conv2x, dtype=self.dtype)
+      down = functools.partial(Conv2x, dtype=self.dtype, conv_impl=self.conv_impl)
     else:
       down = functools.partial(
         nn.Conv, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
@@ -209,8 +215,9 @@ class Discriminator(nn.Module):
         x = _norm(train, self.dtype, f'down{i}_bn')(x)
       x = nn.leaky_relu(x, 0.2)
     head = nn.Conv(
-      1, (start, start), padding='VALID', use_bias=False, kernel_init=dcgan_init, dtype=self.dtype, name='head'
-    )
+      1, (start, start), padding=((0, 0), (0, 0)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype,
+      conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name='head',
+    )  # fmt: skip
     logits = head(x).reshape(x.shape[0])
     if self.num_classes > 0:
       phi = x.reshape(x.shape[0], -1)

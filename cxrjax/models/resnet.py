@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrjax.models.strided_conv import StridedConv
+from cxrjax.ops import onednn
 
 # torchvision's initialisers: Kaiming-normal (fan_out) convolutions, and
 # PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -35,16 +36,19 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl))  # fmt: skip
+    strided = functools.partial(StridedConv, dtype=self.dtype, kernel_init=conv_init, conv_impl=self.conv_impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     s = (self.strides, self.strides)
     if self.strides == 2:
       # Same parameters and numbers as nn.Conv, with a faster input gradient on CPU
       # (cxrjax/models/strided_conv.py); names kept so checkpoints do not change.
-      y = StridedConv(self.filters, 3, self.dtype, conv_init, name='Conv_0')(x)
+      y = strided(self.filters, 3, name='Conv_0')(x)
     else:
       y = conv(self.filters, (3, 3), s, padding=_pad(3), name='Conv_0')(x)
     y = nn.relu(norm()(y))
@@ -52,7 +56,7 @@ class BasicBlock(nn.Module):
     y = norm()(y)
     if x.shape[-1] != self.filters or self.strides != 1:
       if self.strides == 2:
-        x = StridedConv(self.filters, 1, self.dtype, conv_init, name='proj_conv')(x)
+        x = strided(self.filters, 1, name='proj_conv')(x)
       else:
         x = conv(self.filters, (1, 1), s, padding='VALID', name='proj_conv')(x)
       x = norm(name='proj_bn')(x)
@@ -68,6 +72,8 @@ class ResNet(nn.Module):
     stem: 'cifar' (3x3/1, no pool) or 'imagenet' (7x7/2 and 3x3/2 max-pool).
     stage_sizes: blocks per stage.
     dtype: compute dtype (parameters stay float32).
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn.resolve` picks it; same
+      parameters and checkpoints either way).
   """
 
   num_classes: int
@@ -75,24 +81,28 @@ class ResNet(nn.Module):
   stem: str = 'cifar'
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
+    conv_fn = onednn.conv_general_dilated_for(self.conv_impl)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     if self.stem == 'imagenet':
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=_pad(7), use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, name='stem_conv')(x)  # fmt: skip
+                  dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
       x = nn.relu(norm(name='stem_bn')(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, name='stem_conv')(x)  # fmt: skip
+                  dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
       x = nn.relu(norm(name='stem_bn')(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, strides, self.dtype, name=f'stage{i + 1}_block{j + 1}')(x, train)
+        x = BasicBlock(self.width * 2**i, strides, self.dtype, self.conv_impl, name=f'stage{i + 1}_block{j + 1}')(
+          x, train
+        )
     # Grad-CAM reads the last feature map and its gradient from here.
     x = self.perturb('cam_features', x)
     self.sow('intermediates', 'cam_features', x)
@@ -101,5 +111,7 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def resnet18(num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32) -> ResNet:
-  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype)
+def resnet18(
+  num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32, conv_impl: str = 'xla'
+) -> ResNet:
+  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype, conv_impl=conv_impl)

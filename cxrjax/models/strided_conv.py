@@ -33,6 +33,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from cxrjax.ops import onednn
+
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -128,12 +130,14 @@ class StridedConv(nn.Module):
     kernel_size: odd kernel size.
     dtype: compute dtype (parameters stay float32).
     kernel_init: initialiser of the kernel.
+    conv_impl: 'xla' (the custom VJP above) or 'onednn' (`cxrjax.ops.onednn`, float32 only).
   """
 
   features: int
   kernel_size: int = 3
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -141,4 +145,6 @@ class StridedConv(nn.Module):
     _phase_taps(k)  # validates k before any parameter is created
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+    if self.conv_impl == 'onednn' and x.dtype == jnp.float32:
+      return onednn.conv(x, kernel, (2, 2), ((k // 2, k // 2),) * 2)  # oneDNN's own strided passes are fast
     return strided_conv(x, kernel)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrjax.ops import onednn
+
 # PyTorch's default Conv2d / Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which LDM uses.
 torch_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 zeros_init = nn.initializers.zeros_init()
@@ -44,10 +46,11 @@ def group_norm(channels: int, dtype, name: str | None = None) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
 
 
-def conv3x3(features: int, dtype, strides: int = 1, kernel_init=torch_init, name: str | None = None) -> nn.Conv:
+def conv3x3(features: int, dtype, strides: int = 1, kernel_init=torch_init, name: str | None = None,
+            conv_impl: str = 'xla') -> nn.Conv:  # fmt: skip
   # Explicit symmetric padding, as PyTorch's padding=1: 'SAME' pads asymmetrically for stride 2.
   return nn.Conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), kernel_init=kernel_init,
-                 dtype=dtype, name=name)  # fmt: skip
+                 dtype=dtype, conv_general_dilated=onednn.conv_general_dilated_for(conv_impl), name=name)  # fmt: skip
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -75,16 +78,18 @@ class ResBlock(nn.Module):
     features: output channels.
     dropout: dropout rate before the second convolution.
     dtype: compute dtype.
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`).
   """
 
   features: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, emb=None, train: bool = False):
     h = nn.silu(group_norm(x.shape[-1], self.dtype, name='norm1')(x))
-    h = conv3x3(self.features, self.dtype, name='conv1')(h)
+    h = conv3x3(self.features, self.dtype, name='conv1', conv_impl=self.conv_impl)(h)
     h = group_norm(self.features, self.dtype, name='norm2')(h)
     if emb is not None:
       e = nn.Dense(2 * self.features, kernel_init=torch_init, dtype=self.dtype, name='emb_proj')(nn.silu(emb))
@@ -92,9 +97,10 @@ class ResBlock(nn.Module):
       h = h * (1 + scale) + shift
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(self.features, self.dtype, kernel_init=zeros_init, name='conv2')(h)
+    h = conv3x3(self.features, self.dtype, kernel_init=zeros_init, name='conv2', conv_impl=self.conv_impl)(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), kernel_init=torch_init, dtype=self.dtype, name='skip')(x)
+      x = nn.Conv(self.features, (1, 1), kernel_init=torch_init, dtype=self.dtype,
+                  conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name='skip')(x)  # fmt: skip
     return x + h
 
 
@@ -150,6 +156,7 @@ class UNet(nn.Module):
     num_heads: attention heads (must divide the width of attended levels).
     dropout: dropout rate in residual blocks (active with `train=True`, rng 'dropout').
     dtype: compute dtype (parameters stay float32, the output is float32).
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
   """
 
   out_channels: int
@@ -161,6 +168,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   def _attention_levels(self) -> set[int]:
     n = len(self.channel_mults)
@@ -179,7 +187,8 @@ class UNet(nn.Module):
     if height % factor or width % factor:
       raise ValueError(f'latent size {height}x{width} is not divisible by the downsampling factor {factor}')
     attn_levels = self._attention_levels()
-    res = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype)
+    res = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype, conv_impl=self.conv_impl)
+    conv = functools.partial(conv3x3, conv_impl=self.conv_impl)
 
     emb_dim = 4 * self.base_channels
     emb = timestep_embedding(t, self.base_channels)
@@ -191,7 +200,7 @@ class UNet(nn.Module):
     label_emb = nn.Embed(self.num_classes + 1, emb_dim, dtype=self.dtype, name='class_embed')
     emb = emb + label_emb(jnp.asarray(labels, jnp.int32))
 
-    h = conv3x3(self.base_channels, self.dtype, name='conv_in')(x.astype(self.dtype))
+    h = conv(self.base_channels, self.dtype, name='conv_in')(x.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.channel_mults):
       for i in range(self.num_res_blocks):
@@ -200,7 +209,7 @@ class UNet(nn.Module):
           h = AttentionBlock(self.num_heads, self.dtype, name=f'down{level}_attn{i}')(h)
         skips.append(h)
       if level != len(self.channel_mults) - 1:
-        h = conv3x3(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample')(h)
+        h = conv(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample')(h)
         skips.append(h)
 
     h = res(h.shape[-1], name='mid_res0')(h, emb, train)
@@ -214,9 +223,9 @@ class UNet(nn.Module):
         if level in attn_levels:
           h = AttentionBlock(self.num_heads, self.dtype, name=f'up{level}_attn{i}')(h)
       if level != 0:
-        h = conv3x3(h.shape[-1], self.dtype, name=f'up{level}_upsample')(upsample_nearest(h))
+        h = conv(h.shape[-1], self.dtype, name=f'up{level}_upsample')(upsample_nearest(h))
     assert not skips
 
     h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out')(h))
-    h = conv3x3(self.out_channels, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
+    h = conv(self.out_channels, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)

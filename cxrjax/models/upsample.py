@@ -57,6 +57,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from cxrjax.ops import onednn
+
 # DCGAN's initialiser (Radford et al. 2016): N(0, 0.02) for every convolution.
 dcgan_init = nn.initializers.normal(0.02)
 
@@ -200,6 +202,8 @@ class ConvTranspose2x(nn.Module):
     use_bias: add a bias (DCGAN layers followed by BatchNorm have none).
     dtype: compute dtype (parameters stay float32).
     kernel_init: initialiser of the kernel (DCGAN's N(0, 0.02) by default).
+    conv_impl: 'xla' (the custom VJPs above) or 'onednn' (float32: oneDNN's input
+      gradient of the strided convolution, which is this transposed convolution).
   """
 
   features: int
@@ -207,6 +211,7 @@ class ConvTranspose2x(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   kernel_init: Any = dcgan_init
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -215,7 +220,12 @@ class ConvTranspose2x(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_transpose_2x(x, kernel)
+    if self.conv_impl == 'onednn' and x.dtype == jnp.float32:
+      b, h, w, _ = x.shape
+      p = k // 2 - 1
+      y = onednn.transposed_conv(x, kernel.swapaxes(2, 3), (b, 2 * h, 2 * w, self.features), (2, 2), ((p, p), (p, p)))
+    else:
+      y = conv_transpose_2x(x, kernel)
     return y if bias is None else y + bias
 
 
@@ -232,6 +242,7 @@ class Conv2x(nn.Module):
     use_bias: add a bias.
     dtype: compute dtype (parameters stay float32).
     kernel_init: initialiser of the kernel (DCGAN's N(0, 0.02) by default).
+    conv_impl: 'xla' (the custom VJPs above) or 'onednn' (float32).
   """
 
   features: int
@@ -239,6 +250,7 @@ class Conv2x(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   kernel_init: Any = dcgan_init
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
@@ -247,7 +259,11 @@ class Conv2x(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_2x(x, kernel)
+    if self.conv_impl == 'onednn' and x.dtype == jnp.float32:
+      p = k // 2 - 1
+      y = onednn.conv(x, kernel, (2, 2), ((p, p), (p, p)))
+    else:
+      y = conv_2x(x, kernel)
     return y if bias is None else y + bias
 
 

@@ -31,6 +31,7 @@ from cxrjax.errors import UserError
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
 from cxrjax.models import build_classifier
+from cxrjax.ops import onednn
 from cxrjax.trainers import common
 
 
@@ -192,7 +193,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   ds, ts = data.dataset, data.training_set
   k = ds.num_classes
   common.banner(data, config)
-  model = build_classifier(config.model, k, ds.image_shape)
+  model = build_classifier(config.model, k, ds.image_shape, onednn.resolve(config.convolution)[0])
   tx, schedule = common.make_optimizer(config.optim, total_steps, spe)
   init_rng = common.base_key(config, 'classifier/init')
   step_rng = common.base_key(config, 'classifier/step')

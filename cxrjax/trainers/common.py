@@ -22,6 +22,7 @@ from cxrjax import _xla_env, config_lib, fileio, progress, seeding
 from cxrjax.data import imbalance, rebalance, sources
 from cxrjax.data.dataset import Dataset, Split
 from cxrjax.errors import UserError
+from cxrjax.ops import onednn
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'scikit-learn', 'ml-collections')
 
@@ -162,6 +163,7 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     platform=jax.default_backend(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
     malloc=_xla_env.malloc_setting,
+    convolution=onednn.resolve(config.convolution)[1],
     command=command_line(),
     host=platform.node(),
   )
@@ -266,6 +268,7 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
   if _xla_env.malloc_setting.startswith('glibc'):
     # Faster CPU steps at the price of a larger peak heap: say so where a user looks.
     lines.append(f'malloc: {_xla_env.malloc_setting} (freed memory kept for reuse; CXRJAX_KEEP_MALLOC=1 undoes)')
+  lines.append(f'convolutions: {onednn.resolve(config.convolution)[1]}')
   if any(data.leakage.values()):
     lines.append(f'note: identical images across splits in the source data: {data.leakage}')
   lines.append('=' * 78)

@@ -32,6 +32,7 @@ from cxrjax.data import pipeline
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
 from cxrjax.models.dcgan import Discriminator, Generator
+from cxrjax.ops import onednn
 from cxrjax.trainers import loop
 
 
@@ -51,13 +52,15 @@ def build(cfg, channels: int, num_classes: int) -> tuple[Generator, Discriminato
   g = cfg.gan
   k = num_classes if g.conditional else 0
   dtype = DTYPES[cfg.model.dtype]
+  conv_impl = onednn.resolve(cfg.convolution)[0]
   gen = Generator(
     image_size=cfg.data.image_size, channels=channels, latent_dim=g.latent_dim, base_width=g.g_width,
-    num_classes=k, upsample=g.upsample, dtype=dtype,
+    num_classes=k, upsample=g.upsample, dtype=dtype, conv_impl=conv_impl,
   )  # fmt: skip
   disc = Discriminator(
-    image_size=cfg.data.image_size, channels=channels, base_width=g.d_width, num_classes=k, norm=g.d_norm, dtype=dtype
-  )
+    image_size=cfg.data.image_size, channels=channels, base_width=g.d_width, num_classes=k, norm=g.d_norm,
+    dtype=dtype, conv_impl=conv_impl,
+  )  # fmt: skip
   return gen, disc
 
 

@@ -27,6 +27,7 @@ from cxrjax.eval import report
 from cxrjax.models import DTYPES
 from cxrjax.models.autoencoder import KLAutoencoder, ae_loss
 from cxrjax.models.unet import UNet
+from cxrjax.ops import onednn
 from cxrjax.trainers import loop
 
 
@@ -69,6 +70,7 @@ def build_unet(cfg, num_classes: int) -> UNet:
     num_heads=u.num_heads,
     dropout=u.dropout,
     dtype=DTYPES[cfg.model.dtype],
+    conv_impl=onednn.resolve(cfg.convolution)[0],
   )
 
 

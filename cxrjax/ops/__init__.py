@@ -1,0 +1,1 @@
+"""Custom operations: oneDNN convolutions for XLA CPU (`onednn`)."""

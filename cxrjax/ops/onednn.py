@@ -1,0 +1,273 @@
+"""oneDNN convolutions inside jitted JAX programs on CPU, as an XLA FFI custom call.
+
+Why: XLA's CPU backend runs convolutions with Eigen, 1.2-1.6x slower per 3x3
+layer than the oneDNN kernels PyTorch uses on the same CPU (BUILD_NOTES.md,
+issue 8), and jaxlib 0.10.2 does not route convolutions to oneDNN. Here the
+three passes of a 2-D convolution (forward, input gradient, weight gradient) are
+oneDNN primitives behind one FFI target, and `conv` wires them together with
+custom VJPs so that reverse mode works to any order (each pass's VJP is made of
+the other two).
+
+Where it applies: float32 NHWC/HWIO convolutions without dilation or groups, in
+a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
+across devices, so with more than one device (a data-parallel mesh, several
+processes) or on GPU/TPU every convolution stays XLA's; `resolve` decides.
+
+How it is built: on first use, `g++` compiles `onednn_conv.cc` against JAX's FFI
+headers and the `libdnnl.so.3` of the `onednn-cpu-gomp` wheel (the `onednn`
+extra: `pip install cxrjax[onednn]`) into `~/.cache/cxrjax/onednn/`, keyed by
+the source, the library and the jaxlib version. Without the wheel or a compiler
+`resolve('auto')` falls back to XLA and says why (the banner and every
+metrics.json record it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cxrjax.errors import UserError
+
+SOURCE = Path(__file__).with_name('onednn_conv.cc')
+TARGET = 'cxrjax_onednn_conv'
+CHOICES = ('auto', 'onednn', 'xla')
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
+
+
+def _library() -> Path:
+  """`libdnnl.so.3` from `CXRJAX_ONEDNN_LIB` or the installed `onednn-cpu-gomp` wheel."""
+  if os.environ.get('CXRJAX_ONEDNN_LIB'):
+    return Path(os.environ['CXRJAX_ONEDNN_LIB'])
+  try:
+    dist = importlib.metadata.distribution('onednn-cpu-gomp')
+  except importlib.metadata.PackageNotFoundError:
+    raise RuntimeError('the onednn-cpu-gomp wheel is not installed (pip install cxrjax[onednn])') from None
+  for f in dist.files or ():
+    if f.name == 'libdnnl.so.3':
+      return Path(dist.locate_file(f)).resolve()
+  raise RuntimeError('the onednn-cpu-gomp wheel has no libdnnl.so.3')
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get('CXRJAX_CACHE_DIR', Path.home() / '.cache' / 'cxrjax')) / 'onednn'
+
+
+def _build(lib: Path) -> Path:
+  """The compiled extension for this source, library and jaxlib, compiling it if it is not cached."""
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(SOURCE.read_bytes() + str(lib).encode() + jax.lib.__version__.encode()).hexdigest()[:16]
+  out = _cache_dir() / f'onednn_conv-{key}.so'
+  if out.exists():
+    return out
+  cxx = shutil.which(os.environ.get('CXX', 'g++'))
+  if cxx is None:
+    raise RuntimeError(f'no C++ compiler ({os.environ.get("CXX", "g++")}) to build {SOURCE.name}')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
+  os.close(fd)
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', f'-I{include}', str(SOURCE), str(lib),
+         f'-Wl,-rpath,{lib.parent}', '-o', tmp]  # fmt: skip
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise RuntimeError(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-500:]}')
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return out
+
+
+@functools.cache
+def load() -> str:
+  """Builds (once), loads and registers the extension; returns what is in use, e.g. 'oneDNN 3.2.0 (...)'.
+
+  Raises:
+    RuntimeError: the wheel, the compiler or the build is missing, or the library is not oneDNN 3.
+  """
+  lib = _library()
+  so = ctypes.CDLL(str(_build(lib)))
+  so.cxrjax_onednn_version.restype = ctypes.c_int
+  v = so.cxrjax_onednn_version()
+  if v // 10000 != 3:
+    raise RuntimeError(f'{lib} is oneDNN {v // 10000}.{v // 100 % 100}, not 3.x')
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.cxrjax_onednn_conv), platform='cpu')
+  return f'oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({lib})'
+
+
+def resolve(requested: str) -> tuple[str, str]:
+  """Which convolutions a run uses: ('onednn' or 'xla', a description for the banner and metrics.json).
+
+  'auto' is oneDNN on a single CPU device when the extension loads, XLA otherwise;
+  'onednn' insists (a `UserError` when it cannot be had); 'xla' is XLA's own.
+  """
+  if requested not in CHOICES:
+    raise UserError(f'convolution: expected one of {", ".join(CHOICES)}, got {requested!r}')
+  if requested == 'xla':
+    return 'xla', 'xla (convolution=xla)'
+  why = None
+  if jax.default_backend() != 'cpu':
+    why = f'backend is {jax.default_backend()}'
+  elif jax.device_count() != 1:
+    why = f'{jax.device_count()} devices: a custom call is not partitioned across devices'
+  else:
+    try:
+      return 'onednn', load()
+    except (RuntimeError, OSError) as e:
+      why = str(e)
+  if requested == 'onednn':
+    raise UserError(f'convolution=onednn is not available: {why}')
+  return 'xla', f'xla (oneDNN not used: {why})'
+
+
+def _call(kind: int, a, b, shape, strides, padding):
+  (pt, pb), (pl, pr) = padding
+  # Under vmap, one call per batch element (the kernel takes rank-4 operands only).
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')(
+    a, b, kind=np.int64(kind), sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+    pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr))  # fmt: skip
+
+
+def _out_hw(x_shape, w_shape, strides, padding):
+  return tuple((x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2))
+
+
+# The three passes, each with a custom VJP made of the other two, so gradients of
+# gradients (an R1 penalty, say) stay on oneDNN too. All three are bilinear.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _forward(x, w, strides, padding):
+  oh, ow = _out_hw(x.shape, w.shape, strides, padding)
+  return _call(_FORWARD, x, w, (x.shape[0], oh, ow, w.shape[3]), strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _input_grad(dy, w, x_shape, strides, padding):
+  return _call(_INPUT_GRAD, dy, w, x_shape, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_weight_grad(x, dy, w_shape, strides, padding):
+  return _call(_WEIGHT_GRAD, x, dy, w_shape, strides, padding)
+
+
+def _weight_grad(x, dy, w_shape, strides, padding):
+  if w_shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    # A 1x1 kernel sees every stride-th pixel: one GEMM, which XLA runs well. Also a
+    # workaround: oneDNN 3.2's 1x1 weight gradient with stride 2 (jit_1x1) writes past
+    # the scratchpad it asks for at 64 px and above (heap corruption, found by
+    # tests/test_onednn.py's geometry sweep), as PyTorch's did in the benchmark.
+    oh, ow = dy.shape[1:3]
+    xs = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
+    return jnp.einsum('nhwc,nhwo->co', xs, dy)[None, None]
+  return _onednn_weight_grad(x, dy, w_shape, strides, padding)
+
+
+def _forward_fwd(x, w, strides, padding):
+  return _forward(x, w, strides, padding), (x, w)
+
+
+def _forward_bwd(strides, padding, res, g):
+  x, w = res
+  return _input_grad(g, w, x.shape, strides, padding), _weight_grad(x, g, w.shape, strides, padding)
+
+
+def _input_grad_fwd(dy, w, x_shape, strides, padding):
+  return _input_grad(dy, w, x_shape, strides, padding), (dy, w)
+
+
+def _input_grad_bwd(x_shape, strides, padding, res, g):  # g has x's shape
+  dy, w = res
+  return _forward(g, w, strides, padding), _weight_grad(g, dy, w.shape, strides, padding)
+
+
+def _weight_grad_fwd(x, dy, w_shape, strides, padding):
+  return _onednn_weight_grad(x, dy, w_shape, strides, padding), (x, dy)
+
+
+def _weight_grad_bwd(w_shape, strides, padding, res, g):  # g has w's shape
+  x, dy = res
+  return _input_grad(dy, g, x.shape, strides, padding), _forward(x, g, strides, padding)
+
+
+_forward.defvjp(_forward_fwd, _forward_bwd)
+_input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+_onednn_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
+
+
+def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding=((0, 0), (0, 0))) -> jax.Array:
+  """A float32 NHWC x HWIO convolution on oneDNN (`load()` must have succeeded).
+
+  Args:
+    x: `[n, h, w, c]` input.
+    w: `[kh, kw, c, o]` kernel.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)), each >= 0.
+
+  Returns:
+    `[n, oh, ow, o]`, as `lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`.
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _forward(x, w, strides, padding)
+
+
+def transposed_conv(x: jax.Array, w: jax.Array, out_shape, strides, padding) -> jax.Array:
+  """The transposed convolution of `conv`: its input gradient, as a differentiable function on oneDNN.
+
+  Args:
+    x: `[n, oh, ow, o]`, shaped like `conv`'s output.
+    w: `[kh, kw, c, o]`, the kernel of the convolution being transposed (HWIO).
+    out_shape: `[n, h, w, c]`, the shape of that convolution's input.
+    strides: (sh, sw) of that convolution.
+    padding: ((top, bottom), (left, right)) of that convolution.
+
+  Returns:
+    `[n, h, w, c]`: `vjp(lambda v: conv(v, w, strides, padding), zeros(out_shape))(x)`.
+  """
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _input_grad(x, w, tuple(out_shape), strides, padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):  # fmt: skip
+  """`lax.conv_general_dilated`, on oneDNN where it applies (`conv`'s case) and XLA's otherwise; for `nn.Conv`."""
+  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)  # fmt: skip
+  fits = (
+    lhs.ndim == 4
+    and rhs.ndim == 4
+    and lhs.dtype == jnp.float32
+    and rhs.dtype == jnp.float32
+    and preferred_element_type in (None, jnp.float32)
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+    and not isinstance(padding, str)
+    and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  )
+  if not fits:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+  return conv(lhs, rhs, window_strides, padding)
+
+
+def conv_general_dilated_for(impl: str):
+  """The `conv_general_dilated` of a resolved implementation ('onednn' or 'xla')."""
+  return conv_general_dilated if impl == 'onednn' else lax.conv_general_dilated

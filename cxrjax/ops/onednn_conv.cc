@@ -1,0 +1,305 @@
+// oneDNN 2-D convolutions (forward, input gradient, weight gradient) as one XLA FFI
+// custom call for JAX's CPU backend. Built on first use by cxrjax/ops/onednn.py
+// against the libdnnl.so.3 of the `onednn-cpu-gomp` wheel (oneDNN 3.x, GNU OpenMP).
+//
+// Layouts are JAX's: activations NHWC, kernels HWIO, all row-major. They are given
+// to oneDNN as strided memory descriptors; kernels are reordered to the layout the
+// chosen implementation asks for (and back, for the weight gradient).
+//
+// The wheel ships no headers, so the few C API declarations used are written out
+// below. Their values are oneDNN 3.x's ABI (include/oneapi/dnnl/dnnl_types.h,
+// dnnl_common_types.h); load() checks the major version, and the tests compare every
+// pass against XLA's convolution.
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+extern "C" {
+typedef int dnnl_status_t;
+typedef int64_t dnnl_dims_t[12];
+typedef struct dnnl_memory_desc* dnnl_memory_desc_t;
+typedef const struct dnnl_memory_desc* const_dnnl_memory_desc_t;
+typedef struct dnnl_engine* dnnl_engine_t;
+typedef struct dnnl_stream* dnnl_stream_t;
+typedef struct dnnl_memory* dnnl_memory_t;
+typedef struct dnnl_primitive_desc* dnnl_primitive_desc_t;
+typedef const struct dnnl_primitive_desc* const_dnnl_primitive_desc_t;
+typedef struct dnnl_primitive* dnnl_primitive_t;
+typedef struct dnnl_primitive_attr* dnnl_primitive_attr_t;
+typedef const struct dnnl_primitive_attr* const_dnnl_primitive_attr_t;
+typedef struct {
+  int arg;
+  dnnl_memory_t memory;
+} dnnl_exec_arg_t;
+typedef struct {
+  int major, minor, patch;
+  const char* hash;
+  unsigned cpu_runtime, gpu_runtime;
+} dnnl_version_t;
+
+const dnnl_version_t* dnnl_version(void);
+dnnl_status_t dnnl_engine_create(dnnl_engine_t*, int kind, size_t index);
+dnnl_status_t dnnl_stream_create(dnnl_stream_t*, dnnl_engine_t, unsigned flags);
+dnnl_status_t dnnl_stream_wait(dnnl_stream_t);
+dnnl_status_t dnnl_memory_desc_create_with_strides(dnnl_memory_desc_t*, int ndims, const dnnl_dims_t dims,
+                                                   int data_type, const dnnl_dims_t strides);
+dnnl_status_t dnnl_memory_desc_create_with_tag(dnnl_memory_desc_t*, int ndims, const dnnl_dims_t dims,
+                                               int data_type, int tag);
+dnnl_status_t dnnl_memory_desc_clone(dnnl_memory_desc_t*, const_dnnl_memory_desc_t);
+dnnl_status_t dnnl_memory_desc_destroy(dnnl_memory_desc_t);
+int dnnl_memory_desc_equal(const_dnnl_memory_desc_t, const_dnnl_memory_desc_t);
+size_t dnnl_memory_desc_get_size(const_dnnl_memory_desc_t);
+dnnl_status_t dnnl_memory_create(dnnl_memory_t*, const_dnnl_memory_desc_t, dnnl_engine_t, void* handle);
+dnnl_status_t dnnl_memory_destroy(dnnl_memory_t);
+dnnl_status_t dnnl_primitive_attr_create(dnnl_primitive_attr_t*);
+dnnl_status_t dnnl_primitive_attr_destroy(dnnl_primitive_attr_t);
+dnnl_status_t dnnl_primitive_attr_set_scratchpad_mode(dnnl_primitive_attr_t, int mode);
+const_dnnl_memory_desc_t dnnl_primitive_desc_query_md(const_dnnl_primitive_desc_t, int what, int index);
+dnnl_status_t dnnl_primitive_desc_destroy(dnnl_primitive_desc_t);
+dnnl_status_t dnnl_primitive_create(dnnl_primitive_t*, const_dnnl_primitive_desc_t);
+dnnl_status_t dnnl_primitive_execute(dnnl_primitive_t, dnnl_stream_t, int nargs, const dnnl_exec_arg_t* args);
+dnnl_status_t dnnl_convolution_forward_primitive_desc_create(
+    dnnl_primitive_desc_t*, dnnl_engine_t, int prop_kind, int alg_kind, const_dnnl_memory_desc_t src,
+    const_dnnl_memory_desc_t weights, const_dnnl_memory_desc_t bias, const_dnnl_memory_desc_t dst,
+    const dnnl_dims_t strides, const dnnl_dims_t dilates, const dnnl_dims_t padding_l,
+    const dnnl_dims_t padding_r, const_dnnl_primitive_attr_t);
+dnnl_status_t dnnl_convolution_backward_data_primitive_desc_create(
+    dnnl_primitive_desc_t*, dnnl_engine_t, int alg_kind, const_dnnl_memory_desc_t diff_src,
+    const_dnnl_memory_desc_t weights, const_dnnl_memory_desc_t diff_dst, const dnnl_dims_t strides,
+    const dnnl_dims_t dilates, const dnnl_dims_t padding_l, const dnnl_dims_t padding_r,
+    const_dnnl_primitive_desc_t hint_fwd_pd, const_dnnl_primitive_attr_t);
+dnnl_status_t dnnl_convolution_backward_weights_primitive_desc_create(
+    dnnl_primitive_desc_t*, dnnl_engine_t, int alg_kind, const_dnnl_memory_desc_t src,
+    const_dnnl_memory_desc_t diff_weights, const_dnnl_memory_desc_t diff_bias,
+    const_dnnl_memory_desc_t diff_dst, const dnnl_dims_t strides, const dnnl_dims_t dilates,
+    const dnnl_dims_t padding_l, const dnnl_dims_t padding_r, const_dnnl_primitive_desc_t hint_fwd_pd,
+    const_dnnl_primitive_attr_t);
+dnnl_status_t dnnl_reorder_primitive_desc_create(dnnl_primitive_desc_t*, const_dnnl_memory_desc_t src,
+                                                 dnnl_engine_t, const_dnnl_memory_desc_t dst, dnnl_engine_t,
+                                                 const_dnnl_primitive_attr_t);
+}
+
+namespace {
+
+namespace ffi = xla::ffi;
+
+// oneDNN 3.x ABI values.
+constexpr int kSuccess = 0;
+constexpr int kF32 = 3, kU8 = 6;
+constexpr int kFormatAny = 1;
+constexpr int kCpu = 1;
+constexpr unsigned kInOrder = 1;
+constexpr int kForwardTraining = 64;
+constexpr int kConvolutionDirect = 1;
+constexpr int kScratchpadUser = 1;
+constexpr int kQueryWeightsMd = 131, kQueryDiffWeightsMd = 132, kQueryScratchpadMd = 136;
+constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80;
+constexpr int kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161;
+constexpr int kArgFrom = kArgSrc, kArgTo = kArgDst;
+
+void check(dnnl_status_t s, const char* what) {
+  if (s != kSuccess) throw std::runtime_error(std::string(what) + " failed with oneDNN status " + std::to_string(s));
+}
+#define CHECK(expr) check((expr), #expr)
+
+dnnl_engine_t engine() {
+  static dnnl_engine_t e = [] {
+    dnnl_engine_t out;
+    CHECK(dnnl_engine_create(&out, kCpu, 0));
+    return out;
+  }();
+  return e;
+}
+
+dnnl_stream_t stream() {  // one per calling thread, created on first use
+  thread_local dnnl_stream_t s = [] {
+    dnnl_stream_t out;
+    CHECK(dnnl_stream_create(&out, engine(), kInOrder));
+    return out;
+  }();
+  return s;
+}
+
+dnnl_memory_desc_t strided(std::vector<int64_t> dims, std::vector<int64_t> strides, int type = kF32) {
+  dnnl_dims_t d = {}, s = {};
+  for (size_t i = 0; i < dims.size(); ++i) d[i] = dims[i], s[i] = strides[i];
+  dnnl_memory_desc_t md;
+  CHECK(dnnl_memory_desc_create_with_strides(&md, static_cast<int>(dims.size()), d, type, s));
+  return md;
+}
+
+// oneDNN's logical order is (N, C, H, W) for activations and (O, I, H, W) for kernels.
+dnnl_memory_desc_t nhwc(int64_t n, int64_t h, int64_t w, int64_t c) {
+  return strided({n, c, h, w}, {h * w * c, 1, w * c, c});
+}
+dnnl_memory_desc_t hwio(int64_t kh, int64_t kw, int64_t i, int64_t o) {
+  return strided({o, i, kh, kw}, {1, o, kw * i * o, i * o});
+}
+
+struct Geometry {
+  int64_t kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  auto key() const { return std::tie(kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr); }
+  bool operator<(const Geometry& other) const { return key() < other.key(); }
+};
+
+// Primitives for one geometry and pass, created once and kept for the process.
+struct Plan {
+  dnnl_primitive_t conv = nullptr, reorder = nullptr;
+  dnnl_memory_desc_t x = nullptr, y = nullptr, user_w = nullptr, kernel_w = nullptr;
+  size_t conv_scratch = 0, reorder_scratch = 0, kernel_w_bytes = 0;
+};
+
+size_t scratch_bytes(const_dnnl_primitive_desc_t pd) {
+  return dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, kQueryScratchpadMd, 0));
+}
+
+std::unique_ptr<Plan> make_plan(const Geometry& g) {
+  auto plan = std::make_unique<Plan>();
+  dnnl_dims_t strides = {g.sh, g.sw}, dilates = {0, 0}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
+  plan->x = nhwc(g.n, g.h, g.w, g.c);
+  plan->y = nhwc(g.n, g.oh, g.ow, g.o);
+  plan->user_w = hwio(g.kh, g.kw, g.c, g.o);
+  dnnl_dims_t wdims = {g.o, g.c, g.kh, g.kw};
+  dnnl_memory_desc_t any_w;
+  CHECK(dnnl_memory_desc_create_with_tag(&any_w, 4, wdims, kF32, kFormatAny));
+  dnnl_primitive_attr_t attr;  // scratchpads are passed per call, so concurrent calls never share one
+  CHECK(dnnl_primitive_attr_create(&attr));
+  CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, kScratchpadUser));
+  dnnl_primitive_desc_t fwd, pd;
+  CHECK(dnnl_convolution_forward_primitive_desc_create(&fwd, engine(), kForwardTraining, kConvolutionDirect,
+                                                       plan->x, any_w, nullptr, plan->y, strides, dilates,
+                                                       pad_l, pad_r, attr));
+  pd = fwd;
+  if (g.kind == 1) {
+    CHECK(dnnl_convolution_backward_data_primitive_desc_create(&pd, engine(), kConvolutionDirect, plan->x, any_w,
+                                                               plan->y, strides, dilates, pad_l, pad_r, fwd, attr));
+  } else if (g.kind == 2) {
+    CHECK(dnnl_convolution_backward_weights_primitive_desc_create(&pd, engine(), kConvolutionDirect, plan->x,
+                                                                  any_w, nullptr, plan->y, strides, dilates, pad_l,
+                                                                  pad_r, fwd, attr));
+  }
+  CHECK(dnnl_memory_desc_clone(
+      &plan->kernel_w, dnnl_primitive_desc_query_md(pd, g.kind == 2 ? kQueryDiffWeightsMd : kQueryWeightsMd, 0)));
+  plan->kernel_w_bytes = dnnl_memory_desc_get_size(plan->kernel_w);
+  plan->conv_scratch = scratch_bytes(pd);
+  CHECK(dnnl_primitive_create(&plan->conv, pd));
+  if (!dnnl_memory_desc_equal(plan->kernel_w, plan->user_w)) {
+    dnnl_primitive_desc_t rpd;
+    bool back = g.kind == 2;  // the weight gradient comes out in the kernel's layout
+    CHECK(dnnl_reorder_primitive_desc_create(&rpd, back ? plan->kernel_w : plan->user_w, engine(),
+                                             back ? plan->user_w : plan->kernel_w, engine(), attr));
+    plan->reorder_scratch = scratch_bytes(rpd);
+    CHECK(dnnl_primitive_create(&plan->reorder, rpd));
+    dnnl_primitive_desc_destroy(rpd);
+  }
+  if (pd != fwd) dnnl_primitive_desc_destroy(pd);
+  dnnl_primitive_desc_destroy(fwd);
+  dnnl_primitive_attr_destroy(attr);
+  dnnl_memory_desc_destroy(any_w);
+  return plan;
+}
+
+struct Memory {  // a oneDNN view of a buffer it does not own
+  dnnl_memory_t m = nullptr;
+  Memory(const_dnnl_memory_desc_t md, void* data) { CHECK(dnnl_memory_create(&m, md, engine(), data)); }
+  Memory(const Memory&) = delete;
+  Memory& operator=(const Memory&) = delete;
+  ~Memory() { dnnl_memory_destroy(m); }
+};
+
+struct Scratch {  // an aligned byte buffer with its oneDNN view
+  void* data = nullptr;
+  dnnl_memory_desc_t md = nullptr;
+  dnnl_memory_t m = nullptr;
+  explicit Scratch(size_t bytes) {
+    if (bytes) data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (bytes && !data) throw std::runtime_error("out of memory for a oneDNN scratch buffer");
+    md = strided({static_cast<int64_t>(bytes)}, {1}, kU8);
+    CHECK(dnnl_memory_create(&m, md, engine(), data));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    dnnl_memory_destroy(m);
+    dnnl_memory_desc_destroy(md);
+    std::free(data);
+  }
+};
+
+void execute(dnnl_primitive_t p, std::vector<dnnl_exec_arg_t> args) {
+  CHECK(dnnl_primitive_execute(p, stream(), static_cast<int>(args.size()), args.data()));
+}
+
+// kind 0: out = conv(a = x, b = w); 1: out = dx from (a = dy, b = w); 2: out = dw from (a = x, b = dy).
+ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
+                       int64_t kind, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  try {
+    auto da = a.dimensions(), db = b.dimensions(), dout = out->dimensions();
+    if (da.size() != 4 || db.size() != 4 || dout.size() != 4 || kind < 0 || kind > 2)
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_conv: expected rank-4 operands, kind 0-2");
+    const auto x = kind == 1 ? dout : da;                 // NHWC input
+    const auto w = kind == 2 ? dout : db;                 // HWIO kernel
+    const auto y = kind == 0 ? dout : kind == 1 ? da : db;  // NHWC output
+    Geometry g{kind, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
+    // One convolution at a time: each already uses every core through OpenMP, and XLA may
+    // start two independent ones at once (an input and a weight gradient), which would run
+    // four threads on two cores.
+    static std::mutex run_mutex;
+    std::lock_guard<std::mutex> run_lock(run_mutex);
+    static std::map<Geometry, std::unique_ptr<Plan>> plans;
+    auto& slot = plans[g];
+    if (!slot) slot = make_plan(g);
+    const Plan& p = *slot;
+    Scratch conv_scratch(p.conv_scratch), reorder_scratch(p.reorder_scratch), kernel(p.reorder ? p.kernel_w_bytes : 0);
+    void* user_w_data = kind == 2 ? out->untyped_data() : b.untyped_data();
+    Memory user_w(p.user_w, user_w_data), kernel_w(p.kernel_w, p.reorder ? kernel.data : user_w_data);
+    if (kind != 2 && p.reorder)
+      execute(p.reorder, {{kArgFrom, user_w.m}, {kArgTo, kernel_w.m}, {kArgScratchpad, reorder_scratch.m}});
+    if (kind == 0) {
+      Memory src(p.x, a.untyped_data()), dst(p.y, out->untyped_data());
+      execute(p.conv, {{kArgSrc, src.m}, {kArgWeights, kernel_w.m}, {kArgDst, dst.m}, {kArgScratchpad, conv_scratch.m}});
+    } else if (kind == 1) {
+      Memory diff_dst(p.y, a.untyped_data()), diff_src(p.x, out->untyped_data());
+      execute(p.conv, {{kArgDiffDst, diff_dst.m}, {kArgWeights, kernel_w.m}, {kArgDiffSrc, diff_src.m},
+                       {kArgScratchpad, conv_scratch.m}});
+    } else {
+      Memory src(p.x, a.untyped_data()), diff_dst(p.y, b.untyped_data());
+      execute(p.conv, {{kArgSrc, src.m}, {kArgDiffDst, diff_dst.m}, {kArgDiffWeights, kernel_w.m},
+                       {kArgScratchpad, conv_scratch.m}});
+      if (p.reorder)
+        execute(p.reorder, {{kArgFrom, kernel_w.m}, {kArgTo, user_w.m}, {kArgScratchpad, reorder_scratch.m}});
+    }
+    CHECK(dnnl_stream_wait(stream()));
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("cxrjax_onednn_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));
+
+extern "C" int cxrjax_onednn_version() {  // major * 10000 + minor * 100 + patch
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}

@@ -1,0 +1,253 @@
+"""oneDNN convolutions (cxrjax/ops/onednn.py) against XLA's, and when a run uses them.
+
+Tolerances: both sides sum the same float32 products in different orders, so
+results differ by rounding only; 2e-5 of the output's largest magnitude covers
+sums of up to a few thousand terms (observed: about 1e-6).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cxrjax.errors import UserError
+from cxrjax.models import resnet
+from cxrjax.ops import onednn
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+RTOL = 2e-5
+
+# (batch, size, in, out, kernel, stride, padding): odd and even kernels, strides 1 and 2,
+# 1x1 projections, asymmetric and zero padding, and a non-square input.
+GEOMETRIES = [
+  (3, (9, 9), 3, 5, 3, 1, ((1, 1), (1, 1))),
+  (3, (9, 7), 3, 5, 3, 2, ((1, 1), (1, 1))),
+  (2, (8, 8), 4, 6, 4, 2, ((1, 1), (1, 1))),
+  (2, (7, 7), 4, 6, 1, 2, ((0, 0), (0, 0))),
+  (2, (6, 6), 3, 2, 3, 1, ((0, 2), (1, 0))),
+  (2, (10, 10), 16, 8, 5, 1, ((2, 2), (2, 2))),
+]
+
+
+def _close(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape
+  np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * float(np.max(np.abs(b))))
+
+
+def _xla(x, w, s, p):
+  return lax.conv_general_dilated(x, w, (s, s), p, dimension_numbers=_DN)
+
+
+def test_auto_uses_onednn_on_one_cpu_device():
+  # The test command installs the `onednn` extra, so here 'auto' must find and build it.
+  impl, what = onednn.resolve('auto')
+  assert impl == 'onednn', what
+  assert what.startswith('oneDNN 3.') and 'libdnnl.so.3' in what
+  assert onednn.resolve('xla') == ('xla', 'xla (convolution=xla)')
+  with pytest.raises(UserError, match="convolution: expected one of auto, onednn, xla, got 'fast'"):
+    onednn.resolve('fast')
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES, ids=lambda g: f'k{g[4]}s{g[5]}p{g[6]}')
+def test_every_pass_matches_xla(geometry):
+  n, hw, c, o, k, s, p = geometry
+  x = jax.random.normal(jax.random.key(0), (n, *hw, c))
+  w = jax.random.normal(jax.random.key(1), (k, k, c, o))
+  onednn.load()
+
+  def loss(conv):
+    return jax.jit(lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
+
+  ref = lambda x, w: _xla(x, w, s, p)  # noqa: E731
+  new = lambda x, w: onednn.conv(x, w, (s, s), p)  # noqa: E731
+  _close(jax.jit(new)(x, w), _xla(x, w, s, p))
+  for a, b in zip(jax.grad(loss(new), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    _close(a, b)
+
+  # Gradients of gradients (an R1-style penalty): each pass's VJP is made of the others.
+  def penalty(conv):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, w))))(x) ** 2), (0, 1)))
+
+  for a, b in zip(penalty(new)(x, w), penalty(ref)(x, w)):
+    _close(a, b)
+
+
+def test_onednn_is_deterministic():
+  # Resumed runs are compared bit for bit with uninterrupted ones.
+  x = jax.random.normal(jax.random.key(0), (8, 14, 14, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))) ** 2), (0, 1)))
+  first, second = f(x, w), f(x, w)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_drop_in_falls_back_where_onednn_does_not_apply():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+  cases = [
+    dict(window_strides=(1, 1), padding='SAME'),  # string padding
+    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
+    dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)),
+    dict(window_strides=(1, 1), padding=((-1, 0), (0, 0))),  # negative padding crops
+  ]
+  for kw in cases:
+    out = onednn.conv_general_dilated(x, w, dimension_numbers=_DN, **kw)
+    np.testing.assert_array_equal(out, lax.conv_general_dilated(x, w, dimension_numbers=_DN, **kw))
+  grouped = onednn.conv_general_dilated(x, w[:, :, :1], (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
+                                        feature_group_count=4)  # fmt: skip
+  np.testing.assert_array_equal(
+    grouped, lax.conv_general_dilated(x, w[:, :, :1], (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
+                                      feature_group_count=4))  # fmt: skip
+  bf16 = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN))
+  hlo = bf16.lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+  assert onednn.TARGET not in hlo and 'convolution' in hlo
+  nchw = onednn.conv_general_dilated(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NCHW', 'OIHW', 'NCHW'))  # fmt: skip
+  _close(nchw.transpose(0, 2, 3, 1), _xla(x, w, 1, ((1, 1), (1, 1))))
+
+
+def test_resnet_on_onednn_matches_xla():
+  # Same parameters (checkpoints interchangeable), same logits and gradients, and
+  # every convolution of the training step is the custom call.
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+  labels = jnp.array([0, 1, 0, 1])
+  models = {impl: resnet.resnet18(2, width=8, conv_impl=impl) for impl in ('xla', 'onednn')}
+  variables = models['xla'].init(jax.random.key(1), x, train=False)
+  assert jax.tree.structure(models['onednn'].init(jax.random.key(1), x, train=False)) == jax.tree.structure(variables)
+
+  def loss(model):
+    def f(params):
+      logits, _ = model.apply(dict(variables, params=params), x, train=True, mutable=['batch_stats'])
+      return jnp.mean(-jnp.take_along_axis(nn.log_softmax(logits), labels[:, None], 1))
+
+    return jax.jit(jax.value_and_grad(f))
+
+  (lx, gx), (lo, go) = loss(models['xla'])(variables['params']), loss(models['onednn'])(variables['params'])
+  np.testing.assert_allclose(lo, lx, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gx)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))) + 1e-7)
+  hlo = loss(models['onednn']).lower(variables['params']).compile().as_text()
+  # 20 convolutions, 3 passes each, but the stem has no input gradient and the three 1x1
+  # projections get their weight gradients as a GEMM (see onednn._weight_grad).
+  assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 20 * 3 - 1 - 3
+  assert ' convolution(' not in hlo
+
+
+def _fresh(code: str, **env) -> dict:
+  proc = subprocess.run([sys.executable, '-c', code], env={**os.environ, **env}, capture_output=True, text=True,
+                        timeout=300)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_auto_falls_back_with_a_reason_and_onednn_insists(tmp_path):
+  code = """
+import json, cxrjax
+from cxrjax.errors import UserError
+from cxrjax.ops import onednn
+out = dict(auto=onednn.resolve('auto'))
+try:
+  onednn.resolve('onednn')
+except UserError as e:
+  out['onednn'] = str(e)
+print(json.dumps(out))
+"""
+  # Several devices: a custom call is not partitioned, so every convolution stays XLA's.
+  many = _fresh(code, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  assert many['auto'] == ['xla', 'xla (oneDNN not used: 8 devices: a custom call is not partitioned across devices)']
+  assert many['onednn'].startswith('convolution=onednn is not available: 8 devices')
+  # No library (or no wheel): the build cannot happen, and the reason is recorded.
+  missing = _fresh(code, CXRJAX_ONEDNN_LIB=str(tmp_path / 'libdnnl.so.3'), CXRJAX_CACHE_DIR=str(tmp_path / 'cache'))
+  assert missing['auto'][0] == 'xla' and 'libdnnl.so.3' in missing['auto'][1]
+  assert missing['onednn'].startswith('convolution=onednn is not available:')
+
+
+def _grads_close(fn_xla, fn_onednn, params, rtol=1e-4):
+  (lx, gx), (lo, go) = jax.jit(jax.value_and_grad(fn_xla))(params), jax.jit(jax.value_and_grad(fn_onednn))(params)
+  np.testing.assert_allclose(lo, lx, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gx)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=rtol * float(np.max(np.abs(b))) + 1e-7)
+
+
+def test_dcgan_on_onednn_matches_xla():
+  # The generator's transposed convolutions are oneDNN's input gradient of a strided
+  # convolution, the discriminator's strided ones its forward pass.
+  from cxrjax.models.dcgan import Discriminator, Generator  # noqa: PLC0415
+
+  z = jax.random.normal(jax.random.key(0), (4, 16))
+  gens = {
+    i: Generator(image_size=28, latent_dim=16, base_width=8, num_classes=2, conv_impl=i) for i in ('xla', 'onednn')
+  }
+  discs = {i: Discriminator(image_size=28, base_width=8, num_classes=2, conv_impl=i) for i in ('xla', 'onednn')}
+  labels = jnp.array([0, 1, 1, 0])
+  gv = gens['xla'].init(jax.random.key(1), z, labels, train=False)
+  dv = discs['xla'].init(jax.random.key(2), jnp.zeros((4, 28, 28, 1)), labels, train=False)
+  assert jax.tree.structure(gens['onednn'].init(jax.random.key(1), z, labels, train=False)) == jax.tree.structure(gv)
+
+  def loss(impl):
+    def f(params):
+      gp, dp = params
+      img, _ = gens[impl].apply(dict(gv, params=gp), z, labels, train=True, mutable=['batch_stats'])
+      logits, _ = discs[impl].apply(dict(dv, params=dp), img, labels, train=True, mutable=['batch_stats'])
+      return jnp.mean(jax.nn.softplus(-logits))
+
+    return f
+
+  _grads_close(loss('xla'), loss('onednn'), (gv['params'], dv['params']))
+  img = gens['onednn'].apply(gv, z, labels, train=False)
+  hlo = jax.jit(lambda v: gens['onednn'].apply(v, z, labels, train=False)).lower(gv).as_text()
+  assert onednn.TARGET in hlo and 'convolution' not in hlo.replace(onednn.TARGET, '')
+  _close(img, gens['xla'].apply(gv, z, labels, train=False))
+
+
+def test_unet_on_onednn_matches_xla():
+  from cxrjax.models.unet import UNet  # noqa: PLC0415
+
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  t, labels = jnp.array([3, 500]), jnp.array([0, 1])
+  nets = {i: UNet(4, 2, base_channels=8, channel_mults=(1, 2), num_heads=2, conv_impl=i) for i in ('xla', 'onednn')}
+  v = nets['xla'].init(jax.random.key(1), x, t, labels)
+  # conv_out starts at zero (LDM's init), which would hide the path through every other layer.
+  params = jax.tree.map(lambda p: p + 0.01 if p.ndim == 4 and not p.any() else p, v['params'])
+
+  def loss(impl):
+    return lambda p: jnp.mean(nets[impl].apply({'params': p}, x, t, labels) ** 2)
+
+  _grads_close(loss('xla'), loss('onednn'), params)
+
+
+def test_no_heap_corruption_at_64_px():
+  # oneDNN 3.2's 1x1 stride-2 weight gradient overran its scratchpad at 64 px (it took
+  # the process down with "free(): invalid next size"); 1x1 weight gradients are a GEMM
+  # instead. Run in a fresh process so a crash fails this test only, on the layers of a
+  # narrow 64-px ResNet-18 (the Kermany smoke run that found it) and a few more.
+  code = """
+import json, cxrjax, jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from cxrjax.ops import onednn
+onednn.load()
+worst = 0.0
+for c, o, k, s in [(1, 4, 3, 1), (4, 4, 3, 1), (4, 8, 3, 2), (4, 8, 1, 2), (1, 4, 1, 2), (8, 16, 1, 2), (16, 32, 1, 2)]:
+  p = ((k // 2, k // 2),) * 2
+  x = jax.random.normal(jax.random.key(0), (32, 64, 64, c))
+  w = jax.random.normal(jax.random.key(1), (k, k, c, o))
+  f = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), (0, 1)))
+  for _ in range(3):
+    new = f(lambda x, w: onednn.conv(x, w, (s, s), p))(x, w)
+  ref = f(lambda x, w: lax.conv_general_dilated(x, w, (s, s), p, dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)
+  for a, b in zip(new, ref):
+    worst = max(worst, float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
+print(json.dumps(dict(worst=worst)))
+"""
+  # Weight gradients here sum 32 * 64 * 64 = 131,072 products (observed 2.8e-5); rounding
+  # grows about as the square root of the count, so 1e-4 rather than RTOL.
+  assert _fresh(code)['worst'] < 1e-4
