@@ -110,7 +110,8 @@ def whole_step_ms(batch: int, size: int, width: int, reps: int, torch_threads: i
   """Median ms per ResNet-18 training step: (JAX, PyTorch eager channels_last), interleaved repetitions."""
   from cxrjax.bench import harness  # noqa: PLC0415 - imports the trainers
 
-  case = harness.classifier_case(f'resnet18_{size}', dict(batch=batch, image_size=size, width=width))
+  # XLA's convolutions, as in the per-layer tables this step is compared with (oneDNN's: `python -m cxrjax.bench`).
+  case = harness.classifier_case(f'resnet18_{size}', dict(batch=batch, image_size=size, width=width), 'xla')
   jax_runner = case.make_jax()
   torch_runner = harness.torch_runner(case.torch_build, harness.TorchSetting('channels_last', torch_threads))
   times = {'jax': [], 'torch': []}

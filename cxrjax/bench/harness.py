@@ -64,7 +64,8 @@ Results: `--out PATH` writes PATH, a JSON list of rows, and the same table as Ma
 .md (with the machine description). Every row has `model, kind ('train' | 'sample' | 'input'),
 jax_images_per_s, torch_images_per_s (fastest eager setting), ratio (JAX / PyTorch), compile_s, peak_mem_mb (JAX),
 jax_mesh_devices and jax_batch_split (devices of the JAX step's batch sharding as compiled, and whether the
-batch is split over them; None for sampling and failed steps), torch_setting, torch_threads,
+batch is split over them; None for sampling and failed steps), jax_convolution (what the JAX convolutions ran
+on: oneDNN or XLA, from `cxrjax.ops.onednn.resolve` and `--convolution`), torch_setting, torch_threads,
 torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format),
 torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),

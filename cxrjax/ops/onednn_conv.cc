@@ -10,6 +10,8 @@
 // below. Their values are oneDNN 3.x's ABI (include/oneapi/dnnl/dnnl_types.h,
 // dnnl_common_types.h); load() checks the major version, and the tests compare every
 // pass against XLA's convolution.
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -215,13 +217,36 @@ struct Memory {  // a oneDNN view of a buffer it does not own
   ~Memory() { dnnl_memory_destroy(m); }
 };
 
-struct Scratch {  // an aligned byte buffer with its oneDNN view
+// A growable, page-aligned byte buffer mapped outside the malloc heap. Calls are
+// serialised (below), so each of the three buffers is reused by every call: no
+// allocation per call, and nothing left in the heap to fragment it (with cxrjax's
+// malloc setting, per-call blocks carved up the space XLA's freed scratch buffer
+// leaves, the heap grew by a whole scratch buffer at a time, and a 64-px ResNet-18
+// benchmark ran out of 24 GB).
+struct ScratchBuffer {
+  void* data = nullptr;
+  size_t capacity = 0;
+  void* reserve(size_t bytes) {
+    if (bytes > capacity) {
+      if (data) munmap(data, capacity);
+      data = nullptr;
+      capacity = 0;
+      size_t size = (bytes + 4095) / 4096 * 4096;
+      void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::runtime_error("out of memory for a oneDNN scratch buffer");
+      data = p;
+      capacity = size;
+    }
+    return data;
+  }
+};
+
+struct Scratch {  // a oneDNN u8 view of `bytes` of a ScratchBuffer
   void* data = nullptr;
   dnnl_memory_desc_t md = nullptr;
   dnnl_memory_t m = nullptr;
-  explicit Scratch(size_t bytes) {
-    if (bytes) data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (bytes && !data) throw std::runtime_error("out of memory for a oneDNN scratch buffer");
+  Scratch(ScratchBuffer& buffer, size_t bytes) {
+    data = bytes ? buffer.reserve(bytes) : nullptr;
     md = strided({static_cast<int64_t>(bytes)}, {1}, kU8);
     CHECK(dnnl_memory_create(&m, md, engine(), data));
   }
@@ -230,7 +255,6 @@ struct Scratch {  // an aligned byte buffer with its oneDNN view
   ~Scratch() {
     dnnl_memory_destroy(m);
     dnnl_memory_desc_destroy(md);
-    std::free(data);
   }
 };
 
@@ -258,7 +282,9 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
     auto& slot = plans[g];
     if (!slot) slot = make_plan(g);
     const Plan& p = *slot;
-    Scratch conv_scratch(p.conv_scratch), reorder_scratch(p.reorder_scratch), kernel(p.reorder ? p.kernel_w_bytes : 0);
+    static ScratchBuffer conv_buffer, reorder_buffer, kernel_buffer;
+    Scratch conv_scratch(conv_buffer, p.conv_scratch), reorder_scratch(reorder_buffer, p.reorder_scratch),
+        kernel(kernel_buffer, p.reorder ? p.kernel_w_bytes : 0);
     void* user_w_data = kind == 2 ? out->untyped_data() : b.untyped_data();
     Memory user_w(p.user_w, user_w_data), kernel_w(p.kernel_w, p.reorder ? kernel.data : user_w_data);
     if (kind != 2 && p.reorder)
