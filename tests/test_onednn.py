@@ -94,7 +94,6 @@ def test_drop_in_falls_back_where_onednn_does_not_apply():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
   cases = [
-    dict(window_strides=(1, 1), padding='SAME'),  # string padding
     dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
     dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)),
     dict(window_strides=(1, 1), padding=((-1, 0), (0, 0))),  # negative padding crops
@@ -107,6 +106,11 @@ def test_drop_in_falls_back_where_onednn_does_not_apply():
   np.testing.assert_array_equal(
     grouped, lax.conv_general_dilated(x, w[:, :, :1], (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
                                       feature_group_count=4))  # fmt: skip
+  # 'SAME' / 'VALID' (nn.Conv's default) become explicit pairs and stay on oneDNN.
+  for pad, s in (('SAME', 1), ('SAME', 2), ('VALID', 2)):
+    f = jax.jit(lambda x, w, pad=pad, s=s: onednn.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=_DN))
+    assert onednn.TARGET in f.lower(x, w).as_text()
+    _close(f(x, w), lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=_DN))
   bf16 = jax.jit(lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN))
   hlo = bf16.lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
   assert onednn.TARGET not in hlo and 'convolution' in hlo

@@ -113,6 +113,7 @@ from cxrjax import _xla_env, config_lib, diffusion
 from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
+from cxrjax.errors import UserError
 from cxrjax.models import build_classifier
 from cxrjax.ops import onednn
 from cxrjax.trainers import classifier, gan, ldm
@@ -1119,7 +1120,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
   command = 'python -m cxrjax.bench ' + ' '.join(sys.argv[1:] if argv is None else argv)
   machine = machine_description(torch_threads)
-  machine['convolution'] = onednn.resolve(args.convolution)[1]
+  try:
+    machine['convolution'] = onednn.resolve(args.convolution)[1]
+  except UserError as e:
+    parser.error(str(e))
   if _torch() is None:
     _log('PyTorch is not installed: JAX only (pip install .[bench] for the baselines)')
   forward = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}',

@@ -43,7 +43,7 @@ from cxrjax.errors import UserError
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
 TARGET = 'cxrjax_onednn_conv'
 CHOICES = ('auto', 'onednn', 'xla')
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_DN = ('NHWC', 'HWIO', 'NHWC')
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
 
 
@@ -108,11 +108,19 @@ def load() -> str:
   return f'oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({lib})'
 
 
+@functools.cache  # one answer per process: the banner, metrics.json and the models agree, g++ runs once
 def resolve(requested: str) -> tuple[str, str]:
-  """Which convolutions a run uses: ('onednn' or 'xla', a description for the banner and metrics.json).
+  """Which convolutions a run uses.
 
-  'auto' is oneDNN on a single CPU device when the extension loads, XLA otherwise;
-  'onednn' insists (a `UserError` when it cannot be had); 'xla' is XLA's own.
+  Args:
+    requested: `config.convolution`: 'auto' (oneDNN on a single CPU device when the
+      extension loads, XLA otherwise), 'onednn' (insist) or 'xla' (XLA's own).
+
+  Returns:
+    ('onednn' or 'xla', a description for the banner, metrics.json and benchmark rows).
+
+  Raises:
+    UserError: `requested` is not a choice, or 'onednn' cannot be had (the reason is named).
   """
   if requested not in CHOICES:
     raise UserError(f'convolution: expected one of {", ".join(CHOICES)}, got {requested!r}')
@@ -167,8 +175,9 @@ def _weight_grad(x, dy, w_shape, strides, padding):
   if w_shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     # A 1x1 kernel sees every stride-th pixel: one GEMM, which XLA runs well. Also a
     # workaround: oneDNN 3.2's 1x1 weight gradient with stride 2 (jit_1x1) writes past
-    # the scratchpad it asks for at 64 px and above (heap corruption, found by
-    # tests/test_onednn.py's geometry sweep), as PyTorch's did in the benchmark.
+    # the scratchpad it asks for at 64 px and above (heap corruption in a 64-px smoke
+    # run; tests/test_onednn.py keeps a regression case). PyTorch's crash on 8-channel
+    # 64x64 maps in the benchmark is likely the same bug.
     oh, ow = dy.shape[1:3]
     xs = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
     return jnp.einsum('nhwc,nhwo->co', xs, dy)[None, None]
@@ -245,7 +254,11 @@ def transposed_conv(x: jax.Array, w: jax.Array, out_shape, strides, padding) -> 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):  # fmt: skip
-  """`lax.conv_general_dilated`, on oneDNN where it applies (`conv`'s case) and XLA's otherwise; for `nn.Conv`."""
+  """`lax.conv_general_dilated`, on oneDNN where it applies and XLA's otherwise (pass it to `nn.Conv`).
+
+  oneDNN's case: rank-4 float32 NHWC x HWIO, no dilation, no groups, padding that is
+  'SAME'/'VALID' or non-negative pairs. Arguments and result are `lax.conv_general_dilated`'s.
+  """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)  # fmt: skip
@@ -258,16 +271,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     and feature_group_count == 1
     and batch_group_count == 1
     and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-    and not isinstance(padding, str)
-    and all(lo >= 0 and hi >= 0 for lo, hi in padding)
     and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
   )
-  if not fits:
+  if fits and isinstance(padding, str):  # 'SAME' / 'VALID' (flax's default) as explicit pairs
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  if not fits or any(lo < 0 or hi < 0 for lo, hi in padding):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
   return conv(lhs, rhs, window_strides, padding)
 
 
 def conv_general_dilated_for(impl: str):
-  """The `conv_general_dilated` of a resolved implementation ('onednn' or 'xla')."""
+  """The convolution function for `nn.Conv(conv_general_dilated=...)`.
+
+  Args:
+    impl: a resolved implementation, 'onednn' or 'xla' (`resolve(...)[0]`).
+
+  Returns:
+    `conv_general_dilated` above for 'onednn', `lax.conv_general_dilated` otherwise.
+  """
   return conv_general_dilated if impl == 'onednn' else lax.conv_general_dilated

@@ -172,7 +172,8 @@ std::unique_ptr<Plan> make_plan(const Geometry& g) {
   dnnl_dims_t wdims = {g.o, g.c, g.kh, g.kw};
   dnnl_memory_desc_t any_w;
   CHECK(dnnl_memory_desc_create_with_tag(&any_w, 4, wdims, kF32, kFormatAny));
-  dnnl_primitive_attr_t attr;  // scratchpads are passed per call, so concurrent calls never share one
+  // User scratchpads, so that calls can share the buffers below, kept outside the malloc heap.
+  dnnl_primitive_attr_t attr;
   CHECK(dnnl_primitive_attr_create(&attr));
   CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, kScratchpadUser));
   dnnl_primitive_desc_t fwd, pd;
@@ -272,6 +273,9 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
     const auto x = kind == 1 ? dout : da;                 // NHWC input
     const auto w = kind == 2 ? dout : db;                 // HWIO kernel
     const auto y = kind == 0 ? dout : kind == 1 ? da : db;  // NHWC output
+    // The operands must agree, or oneDNN would read or write outside them.
+    if (x[3] != w[2] || y[0] != x[0] || y[3] != w[3] || sh < 1 || sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0)
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_conv: inconsistent shapes or parameters");
     Geometry g{kind, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
     // One convolution at a time: each already uses every core through OpenMP, and XLA may
     // start two independent ones at once (an input and a weight gradient), which would run
