@@ -24,6 +24,12 @@ from cxrjax.ops import onednn
 _DN = ('NHWC', 'HWIO', 'NHWC')
 RTOL = 2e-5
 
+
+@pytest.fixture(autouse=True)
+def _extension_loaded():  # models given impl='onednn' assume `resolve` has loaded it
+  onednn.load()
+
+
 # (batch, size, in, out, kernel, stride, padding): odd and even kernels, strides 1 and 2,
 # 1x1 projections, asymmetric and zero padding, and a non-square input.
 GEOMETRIES = [
@@ -137,12 +143,20 @@ def test_resnet_on_onednn_matches_xla():
 
   (lx, gx), (lo, go) = loss(models['xla'])(variables['params']), loss(models['onednn'])(variables['params'])
   np.testing.assert_allclose(lo, lx, rtol=1e-5)
+  stats = {
+    impl: m.apply(variables, x, train=True, mutable=['batch_stats'])[1]['batch_stats'] for impl, m in models.items()
+  }
+  assert jax.tree.structure(stats['onednn']) == jax.tree.structure(stats['xla'])
+  for a, b in zip(jax.tree.leaves(stats['onednn']), jax.tree.leaves(stats['xla'])):
+    _close(a, b)
   for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.max(np.abs(b))) + 1e-7)
   hlo = loss(models['onednn']).lower(variables['params']).compile().as_text()
-  # 20 convolutions, 3 passes each, but the stem has no input gradient and the three 1x1
-  # projections get their weight gradients as a GEMM (see onednn._weight_grad).
-  assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 20 * 3 - 1 - 3
+  # 20 convolutions, 3 passes each, but the stem has no input gradient; 20 BatchNorms,
+  # forward and backward each.
+  assert hlo.count(f'custom_call_target="{onednn.TARGET}"') == 20 * 3 - 1
+  assert hlo.count(f'custom_call_target="{onednn.BN_FORWARD}"') == 20
+  assert hlo.count(f'custom_call_target="{onednn.BN_BACKWARD}"') == 20
   assert ' convolution(' not in hlo
 
 
@@ -207,6 +221,8 @@ def test_dcgan_on_onednn_matches_xla():
     return f
 
   _grads_close(loss('xla'), loss('onednn'), (gv['params'], dv['params']))
+  train_hlo = jax.jit(jax.grad(loss('onednn'))).lower((gv['params'], dv['params'])).as_text()
+  assert onednn.BN_FORWARD in train_hlo and onednn.BN_BACKWARD in train_hlo  # G's and D's BatchNorms
   img = gens['onednn'].apply(gv, z, labels, train=False)
   hlo = jax.jit(lambda v: gens['onednn'].apply(v, z, labels, train=False)).lower(gv).as_text()
   assert onednn.TARGET in hlo and 'convolution' not in hlo.replace(onednn.TARGET, '')
@@ -231,9 +247,10 @@ def test_unet_on_onednn_matches_xla():
 
 def test_no_heap_corruption_at_64_px():
   # oneDNN 3.2's 1x1 stride-2 weight gradient overran its scratchpad at 64 px (it took
-  # the process down with "free(): invalid next size"); 1x1 weight gradients are a GEMM
-  # instead. Run in a fresh process so a crash fails this test only, on the layers of a
-  # narrow 64-px ResNet-18 (the Kermany smoke run that found it) and a few more.
+  # the process down with "free(): invalid next size"); strided 1x1 weight gradients are
+  # now the stride-1 ones of every other pixel. Run in a fresh process so a crash fails
+  # this test only, on the layers of a narrow 64-px ResNet-18 (the Kermany smoke run that
+  # found it) and a few more.
   code = """
 import json, cxrjax, jax, jax.numpy as jnp, numpy as np
 from jax import lax
@@ -255,3 +272,74 @@ print(json.dumps(dict(worst=worst)))
   # Weight gradients here sum 32 * 64 * 64 = 131,072 products (observed 2.8e-5); rounding
   # grows about as the square root of the count, so 1e-4 rather than RTOL.
   assert _fresh(code)['worst'] < 1e-4
+
+
+def _bn_reference(x, scale, bias, eps, relu):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = ((x - mean) ** 2).mean(axes)
+  y = (x - mean) * lax.rsqrt(var + eps) * scale + bias
+  return (jnp.maximum(y, 0) if relu else y), mean, var
+
+
+@pytest.mark.parametrize('shape', [(6, 5, 4, 16), (4, 3, 3, 3), (32, 7)])
+@pytest.mark.parametrize('relu', [False, True])
+def test_batch_norm_matches_reference_to_second_order(shape, relu):
+  # Outputs, batch statistics, gradients through all three (the statistics' own
+  # cotangents included) and gradients of gradients, against the same function in jnp.
+  k = jax.random.split(jax.random.key(0), 3)
+  c = shape[-1]
+  x = jax.random.normal(k[0], shape) * 2 + 1
+  scale, bias = jax.random.normal(k[1], (c,)), jax.random.normal(k[2], (c,))
+  for got, want in zip(jax.jit(onednn.batch_norm_train, static_argnums=(3, 4))(x, scale, bias, 1e-5, relu),
+                       _bn_reference(x, scale, bias, 1e-5, relu)):  # fmt: skip
+    _close(got, want)
+
+  def loss(f):
+    def g(x, scale, bias):
+      y, mean, var = f(x, scale, bias, 1e-5, relu)
+      return (jnp.sin(y) * jnp.cos(x)).sum() + (mean**2).sum() + jnp.sqrt(var).sum()
+
+    return g
+
+  def grad_norm(f):
+    return lambda *a: sum((t**2).sum() for t in jax.grad(loss(f), argnums=(0, 1))(*a))
+
+  for make in (loss, grad_norm):
+    got = jax.jit(jax.grad(make(onednn.batch_norm_train), argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.grad(make(_bn_reference), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(got, want):
+      _close(a, b)
+
+
+def test_batchnorm_module_keeps_flax_variables_and_updates():
+  from cxrjax.models.batchnorm import BatchNorm  # noqa: PLC0415
+
+  x = jax.random.normal(jax.random.key(0), (8, 5, 5, 16)) * 3 + 1
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  variables = flax_bn.init(jax.random.key(1), x)
+  want, want_stats = flax_bn.apply(variables, x, mutable=['batch_stats'])
+  for impl in ('xla', 'onednn'):
+    # use_running_average at call time, as flax allows.
+    bn = BatchNorm(momentum=0.9, relu=True, impl=impl)
+    assert jax.tree.structure(bn.init(jax.random.key(1), x, use_running_average=False)) == jax.tree.structure(variables)
+    f = jax.jit(lambda v, x, bn=bn: bn.apply(v, x, use_running_average=False, mutable=['batch_stats']))
+    got, stats = f(variables, x)
+    assert jax.tree.structure(stats) == jax.tree.structure(want_stats)  # the oneDNN path's own variables
+    assert (onednn.BN_FORWARD in f.lower(variables, x).as_text()) == (impl == 'onednn')
+    if impl == 'xla':  # flax's own code: bit for bit with flax + ReLU, compiled alike
+      flax_y, flax_stats = jax.jit(lambda v, x: (lambda y, s: (nn.relu(y), s))(
+        *flax_bn.apply(v, x, mutable=['batch_stats'])))(variables, x)  # fmt: skip
+      np.testing.assert_array_equal(got, flax_y)
+      np.testing.assert_array_equal(stats['batch_stats']['var'], flax_stats['batch_stats']['var'])
+    _close(got, nn.relu(want))
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+      _close(a, b)
+  # Where oneDNN does not apply, flax's code runs: bf16 inputs, epsilon 0, empty batches.
+  for bn, inp in (
+    (BatchNorm(use_running_average=False, dtype=jnp.bfloat16, impl='onednn'), x.astype(jnp.bfloat16)),
+    (BatchNorm(use_running_average=False, epsilon=0.0, impl='onednn'), x),
+    (BatchNorm(use_running_average=False, impl='onednn'), x[:0]),
+  ):
+    f = jax.jit(lambda v, x, bn=bn: bn.apply(v, x, mutable=['batch_stats']))
+    assert onednn.BN_FORWARD not in f.lower(variables, inp).as_text()

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxrjax.models.batchnorm import BatchNorm
 from cxrjax.models.upsample import Conv2x, ConvTranspose2x, Project, dcgan_init
 from cxrjax.ops import onednn
 
@@ -63,10 +64,11 @@ def resolution_plan(image_size: int) -> tuple[int, int]:
   raise ValueError(f'image_size must be 4 * 2**n or 7 * 2**n (28, 32, 64, 128, ...), got {image_size}')
 
 
-def _norm(train: bool, dtype, name: str):
-  return nn.BatchNorm(
-    use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_bn_scale_init, dtype=dtype, name=name
-  )
+def _norm(train: bool, dtype, name: str, impl: str, relu: bool = False):
+  return BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_bn_scale_init, dtype=dtype, name=name,
+    relu=relu, impl=impl,
+  )  # fmt: skip
 
 
 def _check_labels(num_classes: int, labels, batch: int):
@@ -144,13 +146,13 @@ class Generator(nn.Module):
       z = jnp.concatenate([z, embed(labels)], axis=-1)
     width = self.base_width * 2 ** (n - 1)
     x = Project(width, start, dtype=self.dtype, name='project')(z)
-    x = nn.relu(_norm(train, self.dtype, 'project_bn')(x))
+    x = _norm(train, self.dtype, 'project_bn', self.conv_impl, relu=True)(x)
     for i in range(1, n + 1):
       last = i == n
       width //= 2
       x = self._up_layer(self.channels if last else width, f'up{i}')(x)
       if not last:
-        x = nn.relu(_norm(train, self.dtype, f'up{i}_bn')(x))
+        x = _norm(train, self.dtype, f'up{i}_bn', self.conv_impl, relu=True)(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -212,7 +214,7 @@ class Discriminator(nn.Module):
     for i in range(n):
       x = down(self.base_width * 2**i, name=f'down{i}')(x)
       if i > 0 and self.norm == 'batch':
-        x = _norm(train, self.dtype, f'down{i}_bn')(x)
+        x = _norm(train, self.dtype, f'down{i}_bn', self.conv_impl)(x)
       x = nn.leaky_relu(x, 0.2)
     head = nn.Conv(
       1, (start, start), padding=((0, 0), (0, 0)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrjax.models.batchnorm import BatchNorm
 from cxrjax.models.strided_conv import StridedConv
 from cxrjax.ops import onednn
 
@@ -43,7 +44,8 @@ class BasicBlock(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                              conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl))  # fmt: skip
     strided = functools.partial(StridedConv, dtype=self.dtype, kernel_init=conv_init, conv_impl=self.conv_impl)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             impl=self.conv_impl)  # fmt: skip
     s = (self.strides, self.strides)
     if self.strides == 2:
       # Same parameters and numbers as nn.Conv, with a faster input gradient on CPU
@@ -51,7 +53,7 @@ class BasicBlock(nn.Module):
       y = strided(self.filters, 3, name='Conv_0')(x)
     else:
       y = conv(self.filters, (3, 3), s, padding=_pad(3), name='Conv_0')(x)
-    y = nn.relu(norm()(y))
+    y = norm(relu=True)(y)
     y = conv(self.filters, (3, 3), padding=_pad(3), name='Conv_1')(y)
     y = norm()(y)
     if x.shape[-1] != self.filters or self.strides != 1:
@@ -87,16 +89,17 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     conv_fn = onednn.conv_general_dilated_for(self.conv_impl)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             impl=self.conv_impl)  # fmt: skip
     if self.stem == 'imagenet':
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=_pad(7), use_bias=False, kernel_init=conv_init,
                   dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = norm(relu=True, name='stem_bn')(x)
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
       x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=False, kernel_init=conv_init,
                   dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = norm(relu=True, name='stem_bn')(x)
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1

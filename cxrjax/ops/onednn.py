@@ -1,4 +1,4 @@
-"""oneDNN convolutions inside jitted JAX programs on CPU, as an XLA FFI custom call.
+"""oneDNN convolutions and batch normalization inside jitted JAX programs on CPU, as XLA FFI custom calls.
 
 Why: XLA's CPU backend runs convolutions with Eigen, 1.2-1.6x slower per 3x3
 layer than the oneDNN kernels PyTorch uses on the same CPU (BUILD_NOTES.md,
@@ -6,7 +6,10 @@ issue 8), and jaxlib 0.10.2 does not route convolutions to oneDNN. Here the
 three passes of a 2-D convolution (forward, input gradient, weight gradient) are
 oneDNN primitives behind one FFI target, and `conv` wires them together with
 custom VJPs so that reverse mode works to any order (each pass's VJP is made of
-the other two).
+the other two). Training-mode batch normalization (`batch_norm_train`, used by
+`cxrjax.models.batchnorm.BatchNorm`) is two more targets, forward (with an
+optional fused ReLU) and backward: XLA ran it as several passes per layer, about
+as long as PyTorch spends on everything but its convolutions.
 
 Where it applies: float32 NHWC/HWIO convolutions without dilation or groups, in
 a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
@@ -42,6 +45,7 @@ from cxrjax.errors import UserError
 
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
 TARGET = 'cxrjax_onednn_conv'
+BN_FORWARD, BN_BACKWARD = 'cxrjax_onednn_bn_forward', 'cxrjax_onednn_bn_backward'
 CHOICES = ('auto', 'onednn', 'xla')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
@@ -105,6 +109,8 @@ def load() -> str:
   if v // 10000 != 3:
     raise RuntimeError(f'{lib} is oneDNN {v // 10000}.{v // 100 % 100}, not 3.x')
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.cxrjax_onednn_conv), platform='cpu')
+  jax.ffi.register_ffi_target(BN_FORWARD, jax.ffi.pycapsule(so.cxrjax_onednn_bn_forward), platform='cpu')
+  jax.ffi.register_ffi_target(BN_BACKWARD, jax.ffi.pycapsule(so.cxrjax_onednn_bn_backward), platform='cpu')
   return f'oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({lib})'
 
 
@@ -172,15 +178,17 @@ def _onednn_weight_grad(x, dy, w_shape, strides, padding):
 
 
 def _weight_grad(x, dy, w_shape, strides, padding):
-  if w_shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
-    # A 1x1 kernel sees every stride-th pixel: one GEMM, which XLA runs well. Also a
-    # workaround: oneDNN 3.2's 1x1 weight gradient with stride 2 (jit_1x1) writes past
-    # the scratchpad it asks for at 64 px and above (heap corruption in a 64-px smoke
-    # run; tests/test_onednn.py keeps a regression case). PyTorch's crash on 8-channel
-    # 64x64 maps in the benchmark is likely the same bug.
+  if w_shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)) and strides != (1, 1):
+    # A strided 1x1 kernel sees every stride-th pixel, so its weight gradient is the
+    # stride-1 one of those pixels. A workaround: oneDNN 3.2's 1x1 weight gradient with
+    # stride 2 (jit_1x1) writes past the scratchpad it asks for at 64 px and above (heap
+    # corruption in a 64-px smoke run; tests/test_onednn.py keeps a regression case);
+    # stride 1 is unaffected. PyTorch's crash on 8-channel 64x64 maps in the benchmark
+    # is likely the same bug. Also faster than a GEMM in XLA here (three ResNet-18
+    # projections at 28 px: 10 against 16 ms, throwaway probe).
     oh, ow = dy.shape[1:3]
-    xs = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
-    return jnp.einsum('nhwc,nhwo->co', xs, dy)[None, None]
+    x = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
+    strides = (1, 1)
   return _onednn_weight_grad(x, dy, w_shape, strides, padding)
 
 
@@ -291,3 +299,106 @@ def conv_general_dilated_for(impl: str):
     `conv_general_dilated` above for 'onednn', `lax.conv_general_dilated` otherwise.
   """
   return conv_general_dilated if impl == 'onednn' else lax.conv_general_dilated
+
+
+# Batch normalization with batch statistics (training), on oneDNN. As with the
+# convolutions, the primal and each VJP are custom VJPs, so reverse mode works to any
+# order: the backward pass is oneDNN's, and its own VJP (needed only for gradients of
+# gradients) is autodiff of `_bn_backward_reference`, the same function in jnp.
+def _as_nhwc(x):
+  return x.reshape((-1, 1, 1, x.shape[-1])) if x.ndim != 4 else x
+
+
+def _bn_forward_call(x, scale, bias, eps, relu):
+  c = x.shape[-1]
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  x4 = _as_nhwc(x)
+  y, mean, var = jax.ffi.ffi_call(BN_FORWARD, (f32(x4.shape), f32((c,)), f32((c,))), vmap_method='sequential')(
+    x4, scale, bias, eps=np.float32(eps), relu=np.int64(relu)
+  )
+  return y.reshape(x.shape), mean, var
+
+
+def _bn_backward_reference(x, dy, scale, mean, var, eps):
+  axes = tuple(range(x.ndim - 1))
+  m = x.size // x.shape[-1]
+  inv = lax.rsqrt(var + eps)
+  xhat = (x - mean) * inv
+  dbias = dy.sum(axes)
+  dscale = (dy * xhat).sum(axes)
+  return (scale * inv) * (dy - dbias / m - xhat * (dscale / m)), dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _bn_backward(x, dy, scale, mean, var, eps):
+  c = x.shape[-1]
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  x4 = _as_nhwc(x)
+  dx, dscale, dbias = jax.ffi.ffi_call(BN_BACKWARD, (f32(x4.shape), f32((c,)), f32((c,))), vmap_method='sequential')(
+    x4, _as_nhwc(dy), mean, var, scale, eps=np.float32(eps)
+  )
+  return dx.reshape(x.shape), dscale, dbias
+
+
+def _bn_backward_fwd(x, dy, scale, mean, var, eps):
+  return _bn_backward(x, dy, scale, mean, var, eps), (x, dy, scale, mean, var)
+
+
+def _bn_backward_bwd(eps, res, g):
+  return jax.vjp(functools.partial(_bn_backward_reference, eps=eps), *res)[1](g)
+
+
+_bn_backward.defvjp(_bn_backward_fwd, _bn_backward_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_train(x, scale, bias, eps, relu):
+  return _bn_forward_call(x, scale, bias, eps, relu)
+
+
+def _bn_train_fwd(x, scale, bias, eps, relu):
+  x, scale, bias = x.value, scale.value, bias.value
+  y, mean, var = _bn_train(x, scale, bias, eps, relu)
+  # y is kept only for the ReLU's mask: without one, keeping it would hold an extra
+  # activation-sized buffer per layer until the backward pass.
+  return (y, mean, var), (x, scale, mean, var, y if relu else None)
+
+
+def _bn_train_bwd(eps, relu, res, cts):
+  x, scale, mean, var, y = res
+  dy, dmean, dvar = cts
+  zero = jax.custom_derivatives.SymbolicZero
+  dy = jnp.zeros_like(x) if isinstance(dy, zero) else dy
+  if relu:
+    dy = jnp.where(y > 0, dy, 0.0)
+  dx, dscale, dbias = _bn_backward(x, dy, scale, mean, var, eps)
+  # Where the statistics themselves are differentiated (they are not in training, only
+  # stored): d mean / dx = 1/m, d var / dx = 2 (x - mean) / m.
+  m = x.size // x.shape[-1]
+  if not isinstance(dmean, zero):
+    dx = dx + dmean / m
+  if not isinstance(dvar, zero):
+    dx = dx + (x - mean) * (2.0 * dvar / m)
+  return dx, dscale, dbias
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, relu: bool = False):
+  """Batch normalization over every axis but the last, with batch statistics, on oneDNN.
+
+  `load()` must have succeeded. Differentiable to any order in reverse mode.
+
+  Args:
+    x: float32 `[..., c]` (any rank >= 2).
+    scale: float32 `[c]`.
+    bias: float32 `[c]`.
+    eps: added to the variance.
+    relu: apply a ReLU to the result (fused into the same pass).
+
+  Returns:
+    (y, mean, var): y like x; the batch mean and biased variance, `[c]` each, as
+    `flax.linen.BatchNorm` computes them for its running averages.
+  """
+  return _bn_train(x, scale, bias, float(eps), bool(relu))

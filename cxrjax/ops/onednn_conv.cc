@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -84,6 +85,13 @@ dnnl_status_t dnnl_convolution_backward_weights_primitive_desc_create(
     const_dnnl_memory_desc_t diff_dst, const dnnl_dims_t strides, const dnnl_dims_t dilates,
     const dnnl_dims_t padding_l, const dnnl_dims_t padding_r, const_dnnl_primitive_desc_t hint_fwd_pd,
     const_dnnl_primitive_attr_t);
+dnnl_status_t dnnl_batch_normalization_forward_primitive_desc_create(
+    dnnl_primitive_desc_t*, dnnl_engine_t, int prop_kind, const_dnnl_memory_desc_t src, const_dnnl_memory_desc_t dst,
+    float epsilon, unsigned flags, const_dnnl_primitive_attr_t);
+dnnl_status_t dnnl_batch_normalization_backward_primitive_desc_create(
+    dnnl_primitive_desc_t*, dnnl_engine_t, int prop_kind, const_dnnl_memory_desc_t diff_src,
+    const_dnnl_memory_desc_t diff_dst, const_dnnl_memory_desc_t src, float epsilon, unsigned flags,
+    const_dnnl_primitive_desc_t hint_fwd_pd, const_dnnl_primitive_attr_t);
 dnnl_status_t dnnl_reorder_primitive_desc_create(dnnl_primitive_desc_t*, const_dnnl_memory_desc_t src,
                                                  dnnl_engine_t, const_dnnl_memory_desc_t dst, dnnl_engine_t,
                                                  const_dnnl_primitive_attr_t);
@@ -99,12 +107,14 @@ constexpr int kF32 = 3, kU8 = 6;
 constexpr int kFormatAny = 1;
 constexpr int kCpu = 1;
 constexpr unsigned kInOrder = 1;
-constexpr int kForwardTraining = 64;
+constexpr int kForwardTraining = 64, kBackward = 128;
 constexpr int kConvolutionDirect = 1;
 constexpr int kScratchpadUser = 1;
-constexpr int kQueryWeightsMd = 131, kQueryDiffWeightsMd = 132, kQueryScratchpadMd = 136;
+constexpr int kQueryWeightsMd = 131, kQueryDiffWeightsMd = 132, kQueryWorkspaceMd = 135, kQueryScratchpadMd = 136;
 constexpr int kArgSrc = 1, kArgDst = 17, kArgWeights = 33, kArgScratchpad = 80;
-constexpr int kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161;
+constexpr int kArgMean = 49, kArgVariance = 50, kArgScale = 51, kArgShift = 52, kArgWorkspace = 64;
+constexpr int kArgDiffSrc = 129, kArgDiffDst = 145, kArgDiffWeights = 161, kArgDiffScale = 255, kArgDiffShift = 256;
+constexpr unsigned kUseScale = 0x2, kUseShift = 0x4, kFuseNormRelu = 0x8;  // dnnl_normalization_flags_t
 constexpr int kArgFrom = kArgSrc, kArgTo = kArgDst;
 
 void check(dnnl_status_t s, const char* what) {
@@ -259,6 +269,14 @@ struct Scratch {  // a oneDNN u8 view of `bytes` of a ScratchBuffer
   }
 };
 
+// One oneDNN primitive at a time: each already uses every core through OpenMP, and XLA
+// may start two independent ones at once (an input and a weight gradient), which would
+// run four threads on two cores. The shared scratch buffers rely on it too.
+std::mutex& run_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 void execute(dnnl_primitive_t p, std::vector<dnnl_exec_arg_t> args) {
   CHECK(dnnl_primitive_execute(p, stream(), static_cast<int>(args.size()), args.data()));
 }
@@ -277,11 +295,7 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
     if (x[3] != w[2] || y[0] != x[0] || y[3] != w[3] || sh < 1 || sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0)
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_conv: inconsistent shapes or parameters");
     Geometry g{kind, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
-    // One convolution at a time: each already uses every core through OpenMP, and XLA may
-    // start two independent ones at once (an input and a weight gradient), which would run
-    // four threads on two cores.
-    static std::mutex run_mutex;
-    std::lock_guard<std::mutex> run_lock(run_mutex);
+    std::lock_guard<std::mutex> run_lock(run_mutex());
     static std::map<Geometry, std::unique_ptr<Plan>> plans;
     auto& slot = plans[g];
     if (!slot) slot = make_plan(g);
@@ -314,6 +328,132 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
   return ffi::Error::Success();
 }
 
+
+// Batch normalization over N, H and W of an NHWC tensor, with batch statistics (training).
+// kind 0: forward (y, mean, biased variance from x, scale, shift; `relu` fuses a ReLU into
+// y); kind 1: backward (dx, dscale, dshift from x, dy, mean, variance, scale), the full
+// derivative through the batch statistics. A fused ReLU's mask is applied to dy by the
+// caller (from y), so no workspace has to travel between the two calls.
+struct NormGeometry {
+  int64_t kind, n, h, w, c, relu;
+  uint32_t eps_bits;
+  auto key() const { return std::tie(kind, n, h, w, c, relu, eps_bits); }
+  bool operator<(const NormGeometry& other) const { return key() < other.key(); }
+};
+
+struct NormPlan {
+  dnnl_primitive_t prim = nullptr;
+  dnnl_memory_desc_t x = nullptr, stat = nullptr, workspace = nullptr;
+  size_t scratch = 0, workspace_bytes = 0;
+};
+
+std::unique_ptr<NormPlan> make_norm_plan(const NormGeometry& g, float eps) {
+  auto plan = std::make_unique<NormPlan>();
+  plan->x = nhwc(g.n, g.h, g.w, g.c);
+  plan->stat = strided({g.c}, {1});
+  dnnl_primitive_attr_t attr;
+  CHECK(dnnl_primitive_attr_create(&attr));
+  CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, kScratchpadUser));
+  unsigned flags = kUseScale | kUseShift;
+  dnnl_primitive_desc_t fwd, pd;
+  CHECK(dnnl_batch_normalization_forward_primitive_desc_create(
+      &fwd, engine(), kForwardTraining, plan->x, plan->x, eps, flags | (g.kind == 0 && g.relu ? kFuseNormRelu : 0u),
+      attr));
+  pd = fwd;
+  if (g.kind == 1) {
+    CHECK(dnnl_batch_normalization_backward_primitive_desc_create(&pd, engine(), kBackward, plan->x, plan->x,
+                                                                  plan->x, eps, flags, fwd, attr));
+  } else if (g.relu) {  // training with a fused ReLU writes its mask to a workspace, unused here
+    CHECK(dnnl_memory_desc_clone(&plan->workspace, dnnl_primitive_desc_query_md(pd, kQueryWorkspaceMd, 0)));
+    plan->workspace_bytes = dnnl_memory_desc_get_size(plan->workspace);
+  }
+  plan->scratch = scratch_bytes(pd);
+  CHECK(dnnl_primitive_create(&plan->prim, pd));
+  if (pd != fwd) dnnl_primitive_desc_destroy(pd);
+  dnnl_primitive_desc_destroy(fwd);
+  dnnl_primitive_attr_destroy(attr);
+  return plan;
+}
+
+const NormPlan& norm_plan(int64_t kind, ffi::Span<const int64_t> x, int64_t relu, float eps) {
+  uint32_t bits;
+  static_assert(sizeof(bits) == sizeof(eps));
+  std::memcpy(&bits, &eps, sizeof(bits));
+  NormGeometry g{kind, x[0], x[1], x[2], x[3], relu, bits};
+  static std::map<NormGeometry, std::unique_ptr<NormPlan>> plans;
+  auto& slot = plans[g];
+  if (!slot) slot = make_norm_plan(g, eps);
+  return *slot;
+}
+
+bool same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+bool channels(ffi::Span<const int64_t> v, int64_t c) { return v.size() == 1 && v[0] == c; }
+
+ffi::Error BatchNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                            ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                            ffi::ResultBuffer<ffi::F32> var, float eps, int64_t relu) {
+  try {
+    auto dx = x.dimensions();
+    if (dx.size() != 4 || !same(y->dimensions(), dx) || !channels(scale.dimensions(), dx[3]) ||
+        !channels(shift.dimensions(), dx[3]) || !channels(mean->dimensions(), dx[3]) ||
+        !channels(var->dimensions(), dx[3]) || !(eps > 0))
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_bn_forward: inconsistent shapes or eps");
+    std::lock_guard<std::mutex> run_lock(run_mutex());
+    const NormPlan& p = norm_plan(0, dx, relu != 0, eps);
+    static ScratchBuffer scratch_buffer, workspace_buffer;
+    Scratch scratch(scratch_buffer, p.scratch);
+    Memory src(p.x, x.untyped_data()), dst(p.x, y->untyped_data()), m(p.stat, mean->untyped_data()),
+        v(p.stat, var->untyped_data()), s(p.stat, scale.untyped_data()), b(p.stat, shift.untyped_data());
+    std::vector<dnnl_exec_arg_t> args = {{kArgSrc, src.m},      {kArgDst, dst.m},   {kArgMean, m.m},
+                                         {kArgVariance, v.m},   {kArgScale, s.m},   {kArgShift, b.m},
+                                         {kArgScratchpad, scratch.m}};
+    std::unique_ptr<Memory> ws;
+    if (p.workspace) {
+      ws = std::make_unique<Memory>(p.workspace, workspace_buffer.reserve(p.workspace_bytes));
+      args.push_back({kArgWorkspace, ws->m});
+    }
+    execute(p.prim, args);
+    CHECK(dnnl_stream_wait(stream()));
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("cxrjax_onednn_bn_forward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
+                             ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> scale,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                             ffi::ResultBuffer<ffi::F32> dshift, float eps) {
+  try {
+    auto d = x.dimensions();
+    if (d.size() != 4 || !same(dy.dimensions(), d) || !same(dx->dimensions(), d) ||
+        !channels(mean.dimensions(), d[3]) || !channels(var.dimensions(), d[3]) ||
+        !channels(scale.dimensions(), d[3]) || !channels(dscale->dimensions(), d[3]) ||
+        !channels(dshift->dimensions(), d[3]) || !(eps > 0))
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_bn_backward: inconsistent shapes or eps");
+    std::lock_guard<std::mutex> run_lock(run_mutex());
+    const NormPlan& p = norm_plan(1, d, 0, eps);
+    static ScratchBuffer scratch_buffer;
+    Scratch scratch(scratch_buffer, p.scratch);
+    Memory src(p.x, x.untyped_data()), diff_dst(p.x, dy.untyped_data()), diff_src(p.x, dx->untyped_data()),
+        m(p.stat, mean.untyped_data()), v(p.stat, var.untyped_data()), s(p.stat, scale.untyped_data()),
+        ds(p.stat, dscale->untyped_data()), db(p.stat, dshift->untyped_data());
+    execute(p.prim, {{kArgSrc, src.m}, {kArgDiffDst, diff_dst.m}, {kArgMean, m.m}, {kArgVariance, v.m},
+                     {kArgScale, s.m}, {kArgDiffSrc, diff_src.m}, {kArgDiffScale, ds.m}, {kArgDiffShift, db.m},
+                     {kArgScratchpad, scratch.m}});
+    CHECK(dnnl_stream_wait(stream()));
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("cxrjax_onednn_bn_backward: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
@@ -328,6 +468,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
                                   .Attr<int64_t>("pb")
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("pr"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_forward, BatchNormForward,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_backward, BatchNormBackward,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<float>("eps"));
 
 extern "C" int cxrjax_onednn_version() {  // major * 10000 + minor * 100 + patch
   const dnnl_version_t* v = dnnl_version();
