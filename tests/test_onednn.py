@@ -313,7 +313,7 @@ def test_batch_norm_matches_reference_to_second_order(shape, relu):
 
 
 def test_batchnorm_module_keeps_flax_variables_and_updates():
-  from cxrjax.models.batchnorm import BatchNorm  # noqa: PLC0415
+  from cxrjax.models.norm import BatchNorm  # noqa: PLC0415
 
   x = jax.random.normal(jax.random.key(0), (8, 5, 5, 16)) * 3 + 1
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
@@ -343,3 +343,40 @@ def test_batchnorm_module_keeps_flax_variables_and_updates():
   ):
     f = jax.jit(lambda v, x, bn=bn: bn.apply(v, x, mutable=['batch_stats']))
     assert onednn.BN_FORWARD not in f.lower(variables, inp).as_text()
+
+
+@pytest.mark.parametrize('shape,groups', [((4, 6, 5, 16), 4), ((3, 7, 8), 2), ((5, 12), 3), ((2, 3, 3, 6), 6)])
+def test_group_norm_fast_path_matches_flax_to_second_order(shape, groups):
+  from cxrjax.models.norm import GroupNorm  # noqa: PLC0415
+
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  flax_gn = nn.GroupNorm(num_groups=groups)
+  variables = flax_gn.init(jax.random.key(1), x)
+  c = shape[-1]
+  params = dict(scale=jax.random.normal(jax.random.key(2), (c,)), bias=jax.random.normal(jax.random.key(3), (c,)))
+  fast = GroupNorm(num_groups=groups, impl='onednn')
+  assert jax.tree.structure(fast.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+
+  def loss(mod):
+    return lambda x, p: jnp.sum(jnp.sin(mod.apply({'params': p}, x)) * jnp.cos(x))
+
+  def grad_norm(mod):
+    return lambda x, p: sum((t**2).sum() for t in jax.tree.leaves(jax.grad(loss(mod), (0, 1))(x, p)))
+
+  _close(fast.apply({'params': params}, x), flax_gn.apply({'params': params}, x))
+  for make in (loss, grad_norm):
+    got = jax.jit(jax.grad(make(fast), (0, 1)))(x, params)
+    want = jax.grad(make(flax_gn), (0, 1))(x, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      _close(a, b)
+  # impl='xla', and cases the fast path does not take, are flax's own code.
+  for mod, inp in (
+    (GroupNorm(num_groups=groups, impl='xla'), x),
+    (GroupNorm(num_groups=groups, dtype=jnp.bfloat16, impl='onednn'), x.astype(jnp.bfloat16)),
+    (GroupNorm(num_groups=None, group_size=c // groups, impl='onednn'), x),
+  ):
+    ref = nn.GroupNorm(num_groups=mod.num_groups, group_size=mod.group_size, dtype=mod.dtype)
+    np.testing.assert_array_equal(
+      jax.jit(lambda p, x, mod=mod: mod.apply({'params': p}, x))(params, inp),
+      jax.jit(lambda p, x, ref=ref: ref.apply({'params': p}, x))(params, inp),
+    )

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxrjax.models.batchnorm import BatchNorm
+from cxrjax.models.norm import BatchNorm
 from cxrjax.models.upsample import Conv2x, ConvTranspose2x, Project, dcgan_init
 from cxrjax.ops import onednn
 

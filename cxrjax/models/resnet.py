@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxrjax.models.batchnorm import BatchNorm
+from cxrjax.models.norm import BatchNorm
 from cxrjax.models.strided_conv import StridedConv
 from cxrjax.ops import onednn
 

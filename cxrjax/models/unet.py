@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrjax.models.norm import GroupNorm
 from cxrjax.ops import onednn
 
 # PyTorch's default Conv2d / Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which LDM uses.
@@ -42,8 +43,9 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return groups
 
 
-def group_norm(channels: int, dtype, name: str | None = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+def group_norm(channels: int, dtype, name: str | None = None, impl: str = 'xla') -> nn.GroupNorm:
+  # impl='onednn' (cxrjax's CPU kernels): the same function, reduced in an order XLA's CPU backend runs faster.
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name, impl=impl)
 
 
 def conv3x3(features: int, dtype, strides: int = 1, kernel_init=torch_init, name: str | None = None,
@@ -88,9 +90,9 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb=None, train: bool = False):
-    h = nn.silu(group_norm(x.shape[-1], self.dtype, name='norm1')(x))
+    h = nn.silu(group_norm(x.shape[-1], self.dtype, name='norm1', impl=self.conv_impl)(x))
     h = conv3x3(self.features, self.dtype, name='conv1', conv_impl=self.conv_impl)(h)
-    h = group_norm(self.features, self.dtype, name='norm2')(h)
+    h = group_norm(self.features, self.dtype, name='norm2', impl=self.conv_impl)(h)
     if emb is not None:
       e = nn.Dense(2 * self.features, kernel_init=torch_init, dtype=self.dtype, name='emb_proj')(nn.silu(emb))
       scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
@@ -110,17 +112,19 @@ class AttentionBlock(nn.Module):
   Attributes:
     num_heads: attention heads; must divide the channel count.
     dtype: compute dtype.
+    conv_impl: 'xla' or 'onednn' (for its GroupNorm; see `group_norm`).
   """
 
   num_heads: int = 4
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'{self.num_heads} heads do not divide {c} channels')
-    y = group_norm(c, self.dtype, name='norm')(x).reshape(b, h * w, c)
+    y = group_norm(c, self.dtype, name='norm', impl=self.conv_impl)(x).reshape(b, h * w, c)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       qkv_features=c,
@@ -206,14 +210,14 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks):
         h = res(self.base_channels * mult, name=f'down{level}_res{i}')(h, emb, train)
         if level in attn_levels:
-          h = AttentionBlock(self.num_heads, self.dtype, name=f'down{level}_attn{i}')(h)
+          h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name=f'down{level}_attn{i}')(h)
         skips.append(h)
       if level != len(self.channel_mults) - 1:
         h = conv(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample')(h)
         skips.append(h)
 
     h = res(h.shape[-1], name='mid_res0')(h, emb, train)
-    h = AttentionBlock(self.num_heads, self.dtype, name='mid_attn')(h)
+    h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name='mid_attn')(h)
     h = res(h.shape[-1], name='mid_res1')(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.channel_mults))):
@@ -221,11 +225,11 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res(self.base_channels * mult, name=f'up{level}_res{i}')(h, emb, train)
         if level in attn_levels:
-          h = AttentionBlock(self.num_heads, self.dtype, name=f'up{level}_attn{i}')(h)
+          h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name=f'up{level}_attn{i}')(h)
       if level != 0:
         h = conv(h.shape[-1], self.dtype, name=f'up{level}_upsample')(upsample_nearest(h))
     assert not skips
 
-    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out')(h))
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out', impl=self.conv_impl)(h))
     h = conv(self.out_channels, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)

@@ -7,7 +7,7 @@ three passes of a 2-D convolution (forward, input gradient, weight gradient) are
 oneDNN primitives behind one FFI target, and `conv` wires them together with
 custom VJPs so that reverse mode works to any order (each pass's VJP is made of
 the other two). Training-mode batch normalization (`batch_norm_train`, used by
-`cxrjax.models.batchnorm.BatchNorm`) is two more targets, forward (with an
+`cxrjax.models.norm.BatchNorm`) is two more targets, forward (with an
 optional fused ReLU) and backward: XLA ran it as several passes per layer, about
 as long as PyTorch spends on everything but its convolutions.
 
