@@ -380,3 +380,29 @@ def test_group_norm_fast_path_matches_flax_to_second_order(shape, groups):
       jax.jit(lambda p, x, mod=mod: mod.apply({'params': p}, x))(params, inp),
       jax.jit(lambda p, x, ref=ref: ref.apply({'params': p}, x))(params, inp),
     )
+
+
+def test_fused_adam_matches_optax():
+  import optax  # noqa: PLC0415
+
+  params = {
+    'kernel': jax.random.normal(jax.random.key(0), (3, 3, 64, 64)),  # above the kernel's threading threshold
+    'bias': jnp.ones((7,)),
+    'half': jnp.ones((5,), jnp.bfloat16),  # not float32: optax's arithmetic in jnp
+  }
+  schedule = optax.cosine_decay_schedule(1e-2, 10)
+  ours, ref = onednn.adam(schedule, b1=0.5, b2=0.99, impl='onednn'), optax.adam(schedule, b1=0.5, b2=0.99)
+  state, want_state = ours.init(params), ref.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(want_state)  # checkpoints interchangeable
+  update = jax.jit(ours.update, donate_argnums=(1,))  # moments updated in place, as in the trainers
+  assert onednn.ADAM in jax.jit(ours.update).lower(params, state, params).as_text()
+  p, want_p = params, params
+  for i in range(4):
+    g = jax.tree.map(lambda x, i=i: jax.random.normal(jax.random.key(i), x.shape, x.dtype), params)
+    u, state = update(g, state, p)
+    want_u, want_state = ref.update(g, want_state, want_p)
+    p, want_p = optax.apply_updates(p, u), optax.apply_updates(want_p, want_u)
+  for a, b in zip(jax.tree.leaves((p, state)), jax.tree.leaves((want_p, want_state))):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+  # impl='xla' is optax's own transformation.
+  assert onednn.ADAM not in jax.jit(onednn.adam(1e-3).update).lower(params, want_state, params).as_text()

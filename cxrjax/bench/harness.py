@@ -106,7 +106,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 import cxrjax  # noqa: F401 - sets XLA flags before the JAX backend starts
 from cxrjax import _xla_env, config_lib, diffusion
@@ -430,7 +429,7 @@ def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
   else:
     mc.name, mc.width_mult, mc.depth_mult = name, s['width'], s['depth']
   model = build_classifier(mc, 2, (size, size, 1), conv_impl)
-  tx = optax.adam(1e-3)
+  tx = onednn.adam(1e-3, impl=onednn.resolve(convolution)[0])  # as the trainer: fused Adam on one CPU device
   loss_cfg = ml_collections.ConfigDict(dict(name='ce', focal_gamma=2.0, label_smoothing=0.0))
   images = _random_images(batch, size, 1)
   labels = (np.arange(batch) % 2).astype(np.int32)
@@ -501,8 +500,8 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   g = cfg.gan
   batch, size, latent = s['batch'], s['image_size'], g.latent_dim
   gen, disc = gan.build(cfg, 1, 2)
-  g_tx = optax.adam(g.lr_g, b1=g.b1, b2=g.b2)
-  d_tx = optax.adam(g.lr_d, b1=g.b1, b2=g.b2)
+  g_tx = onednn.adam(g.lr_g, b1=g.b1, b2=g.b2, impl=onednn.resolve(convolution)[0])
+  d_tx = onednn.adam(g.lr_d, b1=g.b1, b2=g.b2, impl=onednn.resolve(convolution)[0])
 
   def init_state():
     kg, kd = jax.random.split(jax.random.key(0))
@@ -613,7 +612,7 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   num_classes, batch, hw = 2, s['batch'], s['latent_size']
   ch = cfg.ldm.ae.latent_channels
   unet = ldm.build_unet(cfg, num_classes)
-  tx = optax.adam(u.lr)
+  tx = onednn.adam(u.lr, impl=onednn.resolve(convolution)[0])
   schedule = diffusion.make_schedule(lc.schedule, lc.num_timesteps)
 
   def init_params():

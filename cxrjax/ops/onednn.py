@@ -46,6 +46,7 @@ from cxrjax.errors import UserError
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
 TARGET = 'cxrjax_onednn_conv'
 BN_FORWARD, BN_BACKWARD = 'cxrjax_onednn_bn_forward', 'cxrjax_onednn_bn_backward'
+ADAM = 'cxrjax_adam_update'
 CHOICES = ('auto', 'onednn', 'xla')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
@@ -82,7 +83,7 @@ def _build(lib: Path) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', f'-I{include}', str(SOURCE), str(lib),
+  cmd = [cxx, '-O2', '-fopenmp', '-std=c++17', '-shared', '-fPIC', f'-I{include}', str(SOURCE), str(lib),
          f'-Wl,-rpath,{lib.parent}', '-o', tmp]  # fmt: skip
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -111,6 +112,7 @@ def load() -> str:
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(so.cxrjax_onednn_conv), platform='cpu')
   jax.ffi.register_ffi_target(BN_FORWARD, jax.ffi.pycapsule(so.cxrjax_onednn_bn_forward), platform='cpu')
   jax.ffi.register_ffi_target(BN_BACKWARD, jax.ffi.pycapsule(so.cxrjax_onednn_bn_backward), platform='cpu')
+  jax.ffi.register_ffi_target(ADAM, jax.ffi.pycapsule(so.cxrjax_adam_update), platform='cpu')
   return f'oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({lib})'
 
 
@@ -402,3 +404,60 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
     `flax.linen.BatchNorm` computes them for its running averages.
   """
   return _bn_train(x, scale, bias, float(eps), bool(relu))
+
+
+def _adam_leaf(g, m, v, d1, d2, b1, b2, eps, eps_root):
+  if g.dtype != jnp.float32 or m.dtype != jnp.float32 or v.dtype != jnp.float32 or g.size == 0:
+    m = (1 - b1) * g + b1 * m
+    v = (1 - b2) * (g * g) + b2 * v
+    return (m / d1.astype(m.dtype)) / (jnp.sqrt(v / d2.astype(v.dtype) + eps_root) + eps), m, v
+  f32 = jax.ShapeDtypeStruct(g.shape, jnp.float32)
+  return jax.ffi.ffi_call(ADAM, (f32, f32, f32), input_output_aliases={1: 1, 2: 2}, vmap_method='sequential')(
+    g, m, v, d1, d2, b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps), eps_root=np.float32(eps_root)
+  )
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, impl: str = 'xla'):
+  """`optax.scale_by_adam`, with one fused pass per parameter on CPU when `impl='onednn'`.
+
+  The same state (`optax.ScaleByAdamState`: count, mu, nu; checkpoints interchangeable)
+  and the same arithmetic, operation for operation (results equal to rounding: XLA may
+  contract a multiply-add that the kernel rounds twice). With `impl='xla'` it is optax's own.
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator's square root.
+    eps_root: added inside the square root.
+    impl: 'onednn' (the fused kernel; `load()` must have succeeded) or 'xla'.
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  import optax  # noqa: PLC0415  (the ops module is otherwise free of optax)
+
+  if impl != 'onednn':
+    return optax.scale_by_adam(b1, b2, eps, eps_root)
+  base = optax.scale_by_adam(b1, b2, eps, eps_root)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    # optax's bias corrections, computed the same way: 1 - decay**count in float32.
+    d1 = (1 - b1**count).astype(jnp.float32)
+    d2 = (1 - b2**count).astype(jnp.float32)
+    out = jax.tree.map(lambda g, m, v: _adam_leaf(g, m, v, d1, d2, b1, b2, eps, eps_root), updates, state.mu, state.nu)
+    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
+    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)  # noqa: E731
+    return pick(0), optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+
+  return optax.GradientTransformation(base.init, update_fn)
+
+
+def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, impl: str = 'xla'):
+  """`optax.adam` (same state tree) on `scale_by_adam` above: fused on CPU with `impl='onednn'`."""
+  import optax  # noqa: PLC0415
+
+  if impl != 'onednn':
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+  return optax.chain(scale_by_adam(b1, b2, eps, impl=impl), optax.scale_by_learning_rate(learning_rate))

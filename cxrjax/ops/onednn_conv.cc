@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -454,6 +455,42 @@ ffi::Error BatchNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, 
   return ffi::Error::Success();
 }
 
+// Adam's moment updates and its update direction in one pass over a parameter's
+// gradient and moments (optax.scale_by_adam's arithmetic, operation for operation):
+//   m <- (1 - b1) g + b1 m;  v <- (1 - b2) g^2 + b2 v;  u = (m / d1) / (sqrt(v / d2 + eps_root) + eps)
+// with d1 = 1 - b1^t and d2 = 1 - b2^t computed by the caller. m and v are updated in
+// place (aliased to outputs). Not oneDNN: XLA's CPU fusions ran this as four passes per
+// parameter with materialised scalar broadcasts, ~75 ms of a ResNet-18 28-px step.
+ffi::Error AdamUpdate(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v,
+                      ffi::Buffer<ffi::F32> d1, ffi::Buffer<ffi::F32> d2, ffi::ResultBuffer<ffi::F32> u,
+                      ffi::ResultBuffer<ffi::F32> m_out, ffi::ResultBuffer<ffi::F32> v_out, float b1, float b2,
+                      float eps, float eps_root) {
+  const int64_t n = static_cast<int64_t>(g.element_count());
+  if (static_cast<int64_t>(m.element_count()) != n || static_cast<int64_t>(v.element_count()) != n ||
+      static_cast<int64_t>(u->element_count()) != n || static_cast<int64_t>(m_out->element_count()) != n ||
+      static_cast<int64_t>(v_out->element_count()) != n || d1.element_count() != 1 || d2.element_count() != 1)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_adam_update: inconsistent shapes");
+  const float* gp = g.typed_data();
+  const float* mp = m.typed_data();
+  const float* vp = v.typed_data();
+  float* up = u->typed_data();
+  float* mo = m_out->typed_data();
+  float* vo = v_out->typed_data();
+  const float c1 = d1.typed_data()[0], c2 = d2.typed_data()[0];
+  const float a1 = 1.0f - b1, a2 = 1.0f - b2;
+  std::lock_guard<std::mutex> run_lock(run_mutex());  // the OpenMP threads are oneDNN's too
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = gp[i];
+    const float mi = a1 * gi + b1 * mp[i];
+    const float vi = a2 * (gi * gi) + b2 * vp[i];
+    mo[i] = mi;
+    vo[i] = vi;
+    up[i] = (mi / c1) / (std::sqrt(vi / c2 + eps_root) + eps);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
@@ -479,6 +516,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_forward, BatchNormForward,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_adam_update, AdamUpdate,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_backward, BatchNormBackward,
                               xla::ffi::Ffi::Bind()

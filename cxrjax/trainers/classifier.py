@@ -193,8 +193,9 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   ds, ts = data.dataset, data.training_set
   k = ds.num_classes
   common.banner(data, config)
-  model = build_classifier(config.model, k, ds.image_shape, onednn.resolve(config.convolution)[0])
-  tx, schedule = common.make_optimizer(config.optim, total_steps, spe)
+  impl = onednn.resolve(config.convolution)[0]
+  model = build_classifier(config.model, k, ds.image_shape, impl)
+  tx, schedule = common.make_optimizer(config.optim, total_steps, spe, impl)
   init_rng = common.base_key(config, 'classifier/init')
   step_rng = common.base_key(config, 'classifier/step')
 

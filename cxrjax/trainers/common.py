@@ -276,8 +276,8 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
     progress.log(line)
 
 
-def make_optimizer(optim, total_steps: int, steps_per_epoch: int):
-  """(optax transform, learning-rate schedule) from `config.optim`."""
+def make_optimizer(optim, total_steps: int, steps_per_epoch: int, impl: str = 'xla'):
+  """(optax transform, learning-rate schedule) from `config.optim`; `impl='onednn'`: Adam's fused CPU kernel."""
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
     if warmup:
@@ -287,7 +287,7 @@ def make_optimizer(optim, total_steps: int, steps_per_epoch: int):
   else:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup]) if warmup else optax.constant_schedule(optim.lr)  # fmt: skip
   if optim.name == 'adam':
-    tx = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
+    tx = onednn.adam(schedule, b1=optim.b1, b2=optim.b2, impl=impl)
     if optim.weight_decay:
       # L2 penalty added to the gradient, as torch.optim.Adam(weight_decay=...)
       tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), tx)

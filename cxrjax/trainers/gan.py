@@ -199,8 +199,9 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
   """Trains one generator (conditional over all classes, or on one class's images)."""
   g = cfg.gan
   gen, disc = build(cfg, channels, num_classes)
-  g_tx = optax.adam(g.lr_g, b1=g.b1, b2=g.b2)
-  d_tx = optax.adam(g.lr_d, b1=g.b1, b2=g.b2)
+  impl = onednn.resolve(cfg.convolution)[0]
+  g_tx = onednn.adam(g.lr_g, b1=g.b1, b2=g.b2, impl=impl)
+  d_tx = onednn.adam(g.lr_d, b1=g.b1, b2=g.b2, impl=impl)
   size = cfg.data.image_size
   gseed = config_lib.generator_seed(cfg)
   key = seeding.jax_key(gseed, f'gan/{name}/init')

@@ -124,9 +124,9 @@ def make_diffusion_step(unet: UNet, encode_fn, tx, schedule, cfg, scale: float, 
   return step
 
 
-def _tx(lr: float, steps: int, warmup: int = 0):
+def _tx(lr: float, steps: int, warmup: int = 0, impl: str = 'xla'):
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1)) if warmup else lr
-  return optax.adam(schedule)
+  return onednn.adam(schedule, impl=impl)
 
 
 def _load_ae(cfg, gen_dir: str, data, mesh):
@@ -134,7 +134,7 @@ def _load_ae(cfg, gen_dir: str, data, mesh):
   image_shape = data.dataset.image_shape
   model = build_autoencoder(cfg, image_shape[-1])
   a = cfg.ldm.ae
-  tx = _tx(a.lr, a.steps)
+  tx = _tx(a.lr, a.steps, impl=onednn.resolve(cfg.convolution)[0])
   gseed = config_lib.generator_seed(cfg)
   key = seeding.jax_key(gseed, 'ldm/ae/init')
 
@@ -193,7 +193,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
   ae_model, ae_params, scale, ae_result = _load_ae(cfg, gen_dir, data, mesh)
   unet = build_unet(cfg, k)
   u = cfg.ldm.unet
-  tx = _tx(u.lr, u.steps, u.warmup_steps)
+  tx = _tx(u.lr, u.steps, u.warmup_steps, onednn.resolve(cfg.convolution)[0])
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   latent = ae_model.latent_shape(data.dataset.image_shape)
   gseed = config_lib.generator_seed(cfg)
