@@ -216,9 +216,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 fills with the devices left over
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # parameters smaller than this stay replicated
-  # 'auto': oneDNN convolutions (and BatchNorms in training) on a single CPU device when the
-  # `onednn` extra is installed (cxrjax/ops/onednn.py; benchmark training steps 1.2-1.6x faster here
-  # than with XLA's kernels), XLA's otherwise; or 'onednn', 'xla'.
+  # 'auto': cxrjax's CPU kernels (oneDNN convolutions and training BatchNorms, a fused Adam,
+  # a faster GroupNorm) on a single CPU device when the `onednn` extra is installed
+  # (cxrjax/ops/onednn.py; benchmark training steps 1.3-1.6x faster here than with XLA's
+  # kernels), XLA's otherwise; or 'onednn' (insist), 'xla' (XLA's and optax's own).
   c.convolution = 'auto'
   return c
 
