@@ -363,6 +363,10 @@ def test_group_norm_fast_path_matches_flax_to_second_order(shape, groups):
   def grad_norm(mod):
     return lambda x, p: sum((t**2).sum() for t in jax.tree.leaves(jax.grad(loss(mod), (0, 1))(x, p)))
 
+  # The fast path is taken (a different program from flax's) and computes the same function.
+  assert str(jax.make_jaxpr(fast.apply)({'params': params}, x)) != str(
+    jax.make_jaxpr(flax_gn.apply)({'params': params}, x)
+  )
   _close(fast.apply({'params': params}, x), flax_gn.apply({'params': params}, x))
   for make in (loss, grad_norm):
     got = jax.jit(jax.grad(make(fast), (0, 1)))(x, params)
@@ -406,3 +410,20 @@ def test_fused_adam_matches_optax():
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
   # impl='xla' is optax's own transformation.
   assert onednn.ADAM not in jax.jit(onednn.adam(1e-3).update).lower(params, want_state, params).as_text()
+
+
+def test_fused_adam_follows_optax_arithmetic_closely():
+  # Defaults (b2=0.999, where rounding 1 - b2 in float32 instead of double would show at
+  # ~1e-5), tiny gradients (nu ~1e-12, so eps and eps_root matter) and eps_root != 0.
+  import optax  # noqa: PLC0415
+
+  params = {'w': jnp.zeros((40000,))}  # above the threading threshold
+  ours = onednn.scale_by_adam(eps_root=1e-10, impl='onednn')
+  ref = optax.scale_by_adam(eps_root=1e-10)
+  state, want_state = ours.init(params), ref.init(params)
+  for i in range(3):
+    g = {'w': 1e-6 * jax.random.normal(jax.random.key(i), (40000,))}
+    u, state = jax.jit(ours.update)(g, state)
+    want_u, want_state = ref.update(g, want_state)
+    for a, b in zip(jax.tree.leaves((u, state)), jax.tree.leaves((want_u, want_state))):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=0)

@@ -15,13 +15,14 @@ another, and its backward pass likewise.
 
 The classes keep flax's names, so flax names their instances `BatchNorm_0`,
 `GroupNorm_0`, ... as before, and they create the same variables (params `scale`,
-`bias`; batch_stats `mean`, `var`, updated with the same momentum rule): checkpoints
-move freely between the implementations. oneDNN computes the batch variance in two
-passes, flax (by default) as E[x^2] - E[x]^2 clamped at 0; the two agree to rounding
-unless a channel's mean is large against its spread, where oneDNN's is the more
-accurate. oneDNN is used for training-mode calls on float32 inputs over the last axis
-when `impl='onednn'`; every other call (evaluation with running averages,
-initialisation, other dtypes, `axis_name`) is flax's own.
+`bias`, and BatchNorm's batch_stats `mean`, `var`, updated with the same momentum rule):
+checkpoints move freely between the implementations. BatchNorm: oneDNN computes the
+batch variance in two passes, flax (by default) as E[x^2] - E[x]^2 clamped at 0; the two
+agree to rounding unless a channel's mean is large against its spread, where oneDNN's is
+the more accurate. oneDNN is used for training-mode calls on float32 inputs over the last
+axis when `impl='onednn'`; every other call (evaluation with running averages,
+initialisation, other dtypes, `axis_name`) is flax's own. GroupNorm's fast path is jnp
+(no oneDNN), see the class.
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ SOURCE = Path(__file__).with_name('onednn_conv.cc')
 TARGET = 'cxrjax_onednn_conv'
 BN_FORWARD, BN_BACKWARD = 'cxrjax_onednn_bn_forward', 'cxrjax_onednn_bn_backward'
 ADAM = 'cxrjax_adam_update'
+# -fopenmp: the fused Adam's loop, on the wheel's libgomp (the runtime oneDNN uses).
+_CXXFLAGS = ('-O2', '-fopenmp', '-std=c++17', '-shared', '-fPIC')
 CHOICES = ('auto', 'onednn', 'xla')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
@@ -73,7 +75,9 @@ def _cache_dir() -> Path:
 def _build(lib: Path) -> Path:
   """The compiled extension for this source, library and jaxlib, compiling it if it is not cached."""
   include = jax.ffi.include_dir()
-  key = hashlib.sha256(SOURCE.read_bytes() + str(lib).encode() + jax.lib.__version__.encode()).hexdigest()[:16]
+  key = hashlib.sha256(
+    SOURCE.read_bytes() + str(lib).encode() + jax.lib.__version__.encode() + ' '.join(_CXXFLAGS).encode()
+  ).hexdigest()[:16]
   out = _cache_dir() / f'onednn_conv-{key}.so'
   if out.exists():
     return out
@@ -83,7 +87,7 @@ def _build(lib: Path) -> Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
   os.close(fd)
-  cmd = [cxx, '-O2', '-fopenmp', '-std=c++17', '-shared', '-fPIC', f'-I{include}', str(SOURCE), str(lib),
+  cmd = [cxx, *_CXXFLAGS, f'-I{include}', str(SOURCE), str(lib),
          f'-Wl,-rpath,{lib.parent}', '-o', tmp]  # fmt: skip
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -408,21 +412,25 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
 
 def _adam_leaf(g, m, v, d1, d2, b1, b2, eps, eps_root):
   if g.dtype != jnp.float32 or m.dtype != jnp.float32 or v.dtype != jnp.float32 or g.size == 0:
-    m = (1 - b1) * g + b1 * m
-    v = (1 - b2) * (g * g) + b2 * v
-    return (m / d1.astype(m.dtype)) / (jnp.sqrt(v / d2.astype(v.dtype) + eps_root) + eps), m, v
+    new_m = (1 - b1) * g + b1 * m
+    new_v = (1 - b2) * (g * g) + b2 * v
+    u = (new_m / d1.astype(new_m.dtype)) / (jnp.sqrt(new_v / d2.astype(new_v.dtype) + eps_root) + eps)
+    return u, new_m.astype(m.dtype), new_v.astype(v.dtype)  # optax keeps the state's dtypes
   f32 = jax.ShapeDtypeStruct(g.shape, jnp.float32)
+  # 1 - b is formed in double and rounded once, as optax's Python-float arithmetic does.
   return jax.ffi.ffi_call(ADAM, (f32, f32, f32), input_output_aliases={1: 1, 2: 2}, vmap_method='sequential')(
-    g, m, v, d1, d2, b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps), eps_root=np.float32(eps_root)
-  )
+    g, m, v, d1, d2, a1=np.float32(1 - b1), b1=np.float32(b1), a2=np.float32(1 - b2), b2=np.float32(b2),
+    eps=np.float32(eps), eps_root=np.float32(eps_root),
+  )  # fmt: skip
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, impl: str = 'xla'):
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *, impl: str = 'xla'):
   """`optax.scale_by_adam`, with one fused pass per parameter on CPU when `impl='onednn'`.
 
   The same state (`optax.ScaleByAdamState`: count, mu, nu; checkpoints interchangeable)
   and the same arithmetic, operation for operation (results equal to rounding: XLA may
-  contract a multiply-add that the kernel rounds twice). With `impl='xla'` it is optax's own.
+  contract a multiply-add that the kernel rounds twice). With `impl='xla'` it is optax's
+  own. optax's `mu_dtype` and `nesterov` options are not offered.
 
   Args:
     b1: decay of the first moment.
@@ -447,14 +455,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     d1 = (1 - b1**count).astype(jnp.float32)
     d2 = (1 - b2**count).astype(jnp.float32)
     out = jax.tree.map(lambda g, m, v: _adam_leaf(g, m, v, d1, d2, b1, b2, eps, eps_root), updates, state.mu, state.nu)
-    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
-    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)  # noqa: E731
-    return pick(0), optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+    u, mu, nu = jax.tree.transpose(jax.tree.structure(updates), jax.tree.structure((0, 0, 0)), out)
+    return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(base.init, update_fn)
 
 
-def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, impl: str = 'xla'):
+def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, impl: str = 'xla'):
   """`optax.adam` (same state tree) on `scale_by_adam` above: fused on CPU with `impl='onednn'`."""
   import optax  # noqa: PLC0415
 
