@@ -1,4 +1,5 @@
-"""oneDNN convolutions (cxrjax/ops/onednn.py) against XLA's, and when a run uses them.
+"""cxrjax's CPU kernels (cxrjax/ops/onednn.py, cxrjax/models/norm.py) against XLA, flax and optax, and
+when a run uses them: oneDNN convolutions and BatchNorm, the spatial-first GroupNorm, the fused Adam.
 
 Tolerances: both sides sum the same float32 products in different orders, so
 results differ by rounding only; 2e-5 of the output's largest magnitude covers

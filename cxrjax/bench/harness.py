@@ -496,12 +496,12 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   """The DCGAN training step (`gan.make_gan_step`) and G sampling in eval mode."""
   cfg = _gan_config(s)
   cfg.convolution = convolution
-  conv_note = onednn.resolve(convolution)[1]
+  impl, conv_note = onednn.resolve(convolution)
   g = cfg.gan
   batch, size, latent = s['batch'], s['image_size'], g.latent_dim
   gen, disc = gan.build(cfg, 1, 2)
-  g_tx = onednn.adam(g.lr_g, b1=g.b1, b2=g.b2, impl=onednn.resolve(convolution)[0])
-  d_tx = onednn.adam(g.lr_d, b1=g.b1, b2=g.b2, impl=onednn.resolve(convolution)[0])
+  g_tx = onednn.adam(g.lr_g, b1=g.b1, b2=g.b2, impl=impl)
+  d_tx = onednn.adam(g.lr_d, b1=g.b1, b2=g.b2, impl=impl)
 
   def init_state():
     kg, kd = jax.random.split(jax.random.key(0))
@@ -607,12 +607,12 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
   """The latent denoiser step (`ldm.make_diffusion_step`, no autoencoder) and DDIM sampling."""
   cfg = _ldm_config(s)
   cfg.convolution = convolution
-  conv_note = onednn.resolve(convolution)[1]
+  impl, conv_note = onednn.resolve(convolution)
   u, lc = cfg.ldm.unet, cfg.ldm
   num_classes, batch, hw = 2, s['batch'], s['latent_size']
   ch = cfg.ldm.ae.latent_channels
   unet = ldm.build_unet(cfg, num_classes)
-  tx = onednn.adam(u.lr, impl=onednn.resolve(convolution)[0])
+  tx = onednn.adam(u.lr, impl=impl)
   schedule = diffusion.make_schedule(lc.schedule, lc.num_timesteps)
 
   def init_params():

@@ -493,11 +493,13 @@ ffi::Error AdamUpdate(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m, ffi::Buf
 
 }  // namespace
 
+using F32Buffer = xla::ffi::Buffer<xla::ffi::F32>;  // every operand and result below
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<int64_t>("kind")
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
@@ -508,25 +510,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_forward, BatchNormForward,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_adam_update, AdamUpdate,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("a1")
                                   .Attr<float>("b1")
                                   .Attr<float>("a2")
@@ -536,14 +538,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_adam_update, AdamUpdate,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_backward, BatchNormBackward,
                               xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("eps"));
 
 extern "C" int cxrjax_onednn_version() {  // major * 10000 + minor * 100 + patch
