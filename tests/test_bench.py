@@ -157,10 +157,30 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
+  assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
+  assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: ' in proc.stdout
   assert 'convolutions (ResNet-18, DCGAN, UNet): oneDNN 3.' in proc.stdout
+
+
+def test_cli_survives_a_crashing_pytorch_variant(tmp_path):
+  # A native crash in the PyTorch process (injected: it aborts when building this variant) stops the
+  # worker; the model is measured again without that variant, and the row says which one crashed and how.
+  out = tmp_path / 'bench.json'
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'CXRJAX_KEEP_MALLOC')}
+  env['CXRJAX_BENCH_ABORT_VARIANT'] = 'channels_last, 1 thread'
+  cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '1', '--steps', '1',
+         '--out', str(out)]  # fmt: skip
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())
+  crashed = row['torch_variants']['channels_last, 1 thread']
+  assert crashed.startswith('error: crashed the process (the PyTorch process died (signal SIGABRT)'), crashed
+  assert row['torch_setting'] == 'contiguous, 1 thread' and row['torch_images_per_s'] > 0
+  assert row['jax_images_per_s'] > 0 and row['torch_channels_last_images_per_s'] is None
+  assert 'measuring again without it' in proc.stderr
 
 
 def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):

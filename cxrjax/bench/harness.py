@@ -32,9 +32,13 @@ PyTorch thread only and skips torch.compile unless `--torch-compile`, for tests)
 Method. Inputs are fixed random batches made once (no input pipeline in the model rows). JAX training
 steps run as the trainers run them, on a data-parallel mesh of every local device (one CPU device unless
 XLA_FLAGS sets `--xla_force_host_platform_device_count`); sampling runs on one device. Each model runs in
-a fresh worker process, and all its variants run in that process, interleaved: repetition r runs a block of
-N steps of each variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2
-and 1 intra-op threads; torch.compile), the order rotated by one each repetition, so all see the same load.
+a fresh worker process, which runs the JAX variant itself and starts, per case, a second process for the
+PyTorch variants (`TorchProcess`; the worker never imports PyTorch), so each framework has its own malloc
+heap and resident set: sharing one heap slowed JAX's first block after a PyTorch block by up to 40%.
+The variants are interleaved, one process running at a time: repetition r runs a block of N steps of each
+variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2 and 1 intra-op
+threads; torch.compile), the order rotated by one each repetition, so all see the same load. A PyTorch
+block is timed inside its process (the pipe's round trip is not counted).
 Two warm-up steps per variant are not timed. images/s = batch / median over repetitions of the mean step
 time of a block; N is `--steps`, or chosen so a block of the slowest variant lasts about `--rep-seconds`
 (at least one step). An eager variant more than 3x slower than the fastest one in its warm-up step is not
@@ -44,8 +48,10 @@ machine under load, 1 thread trained ResNet-18 3x faster than 2. PyTorch's Adam 
 CPU implementation. The fastest eager variant is reported with its name (`torch_setting`), and torch.compile
 (default mode, with the format and threads of the fastest eager variant in warm-up) beside it; if it fails,
 the row says 'n/a' and why.
-If a variant kills its worker (a native crash cannot be caught in-process), the model is measured again
-without the variant that was running, and the row names it with the crash.
+If a variant kills its process (a native crash cannot be caught in-process; a PyTorch process that dies
+stops its worker), the model is measured again without the variant that was running, and the row names it
+with the crash. `CXRJAX_BENCH_ABORT_VARIANT=<variant name>` makes the PyTorch process abort when it builds
+that variant (the tests use it to exercise this path).
 
 JAX compile time (`compile_s`) is the wall time of `jax.jit(step, in_shardings=..., out_shardings=...,
 donate_argnums=0).lower(...).compile()` on that mesh, measured
@@ -53,7 +59,7 @@ before any step runs; `jax_first_step_s` is the first execution after it. `torch
 the first torch.compile step (compilation of forward and backward included).
 
 Peak memory is approximate on CPU, where `jax.devices()[0].memory_stats()` returns None: for each variant, the
-growth of the process's resident set (Linux: VmHWM after resetting it through /proc/self/clear_refs, relative
+growth of its process's resident set (the JAX worker's or the PyTorch process's; Linux: VmHWM after resetting it through /proc/self/clear_refs, relative
 to VmRSS at the start; elsewhere the growth of getrusage's ru_maxrss, which misses peaks below an earlier one)
 from just before its parameters are created until the end of its warm-up steps, after `malloc_trim`. So it
 counts parameters, optimizer state, gradients, activations and temporaries, but not compiler memory (JAX's
@@ -72,7 +78,8 @@ torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a
 torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax_images_per_s_range and
 torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (side of the input: pixels, or
 latent size), input_shape, params_jax, params_torch, steps_per_rep, reps, mem_method, load_avg, notes`, and
-`errors` when the JAX variant or the worker failed. Input rows have `images_per_s` and `num_threads`; their
+`errors` when the JAX variant or the worker failed, and `torch_in_jax_process` (False: PyTorch ran in its own
+process). Input rows have `images_per_s` and `num_threads`; their
 JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, malloc, load)
 are printed too. On a shared machine the numbers move with the load; compare within a row (same run,
 interleaved), not across runs.
@@ -86,6 +93,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -228,6 +236,13 @@ class Runner:
   per_step: list[float] = dataclasses.field(default_factory=list)
   mesh_devices: int | None = None  # JAX step: devices of the compiled batch sharding
   batch_split: bool | None = None  # JAX step: whether that sharding splits the batch
+  remote: bool = False  # runs in the PyTorch process: `run` returns the seconds it measured there
+
+  def timed_run(self, n: int) -> float:
+    """Runs n steps and returns the seconds they took (a remote variant's own timing, without the pipe)."""
+    t = time.perf_counter()
+    seconds = self.run(n)
+    return seconds if self.remote else time.perf_counter() - t
 
   def images_per_s(self, batch: int) -> float | None:
     if self.error or not self.per_step:
@@ -318,6 +333,11 @@ def jax_call_runner(fn, init_fn, args: tuple, name: str = 'jax') -> Runner:
   return _warm_up(Runner(name, run, compile_s=compile_s), meter)
 
 
+def torch_installed() -> bool:
+  """Whether PyTorch is importable, found without importing it (the JAX worker never imports it)."""
+  return importlib.util.find_spec('torch') is not None
+
+
 def _torch():
   try:
     import torch  # noqa: PLC0415 - PyTorch is the optional `bench` extra; cxrjax never needs it
@@ -390,6 +410,126 @@ def _ema_(torch, ema: list, live: list, step: int, decay: float) -> None:
     torch._foreach_lerp_(ema, live, 1.0 - d)
 
 
+# ----------------------------------------------------------------------------- the PyTorch process
+
+
+class TorchProcessDied(Exception):
+  """The PyTorch process of a case exited while the JAX worker waited for its reply."""
+
+
+class RemoteError(Exception):
+  """A PyTorch variant failed in the PyTorch process; the message is that process's `_error` text."""
+
+
+class TorchProcess:
+  """A child process that builds and runs the PyTorch variants of one case when the JAX worker says so.
+
+  Why a second process: with both frameworks in one process they share one malloc heap, and PyTorch's
+  allocations between two JAX blocks split the free block that XLA's per-execution scratch buffer reuses
+  (cxrjax's malloc setting keeps freed memory in the heap), so JAX's first block after a PyTorch variant
+  ran up to 40% slower (BUILD_NOTES, issue 8). Now each framework has its own heap and its own resident
+  set, while the blocks stay interleaved, one process running at a time, so both see the same load.
+
+  Protocol: one JSON object per line over two pipes; every command gets one reply. `params` -> the PyTorch
+  parameter count; `build` (a `TorchSetting`) -> its warm-up times and memory, or `error`; `run` (name, n)
+  -> the seconds n steps took, or `error`; `close` ends the process. Its stdout goes to stderr (the
+  benchmark's stdout is the table), its stderr is the worker's.
+  """
+
+  def __init__(self, model: str, case: str, quick: bool, convolution: str):
+    cmd_r, cmd_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    argv = [sys.executable, '-m', 'cxrjax.bench', f'--torch-server={model}', f'--torch-case={case}',
+            f'--torch-fds={cmd_r},{reply_w}', f'--convolution={convolution}'] + (['--quick'] if quick else [])  # fmt: skip
+    self.proc = subprocess.Popen(argv, pass_fds=(cmd_r, reply_w), stdout=sys.stderr.fileno())
+    os.close(cmd_r)
+    os.close(reply_w)
+    self._commands = os.fdopen(cmd_w, 'w')
+    self._replies = os.fdopen(reply_r)
+
+  def call(self, **command) -> dict:
+    """Sends one command and waits for its reply; raises `TorchProcessDied` if the process is gone."""
+    try:
+      self._commands.write(json.dumps(command) + '\n')
+      self._commands.flush()
+      line = self._replies.readline()
+    except (BrokenPipeError, ConnectionResetError):
+      line = ''
+    if not line:
+      code = self.proc.wait()
+      how = f'signal {signal.Signals(-code).name}' if code < 0 else f'exit code {code}'
+      raise TorchProcessDied(f'the PyTorch process died ({how})')
+    return json.loads(line)
+
+  def __enter__(self) -> TorchProcess:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    with contextlib.suppress(OSError):
+      self._commands.write(json.dumps(dict(op='close')) + '\n')
+      self._commands.close()
+    with contextlib.suppress(OSError):
+      self._replies.close()
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+
+
+def remote_torch_runner(process: TorchProcess, setting: TorchSetting) -> Runner:
+  """A PyTorch variant built, warmed up and run in `process` (`torch_runner` there)."""
+  reply = process.call(op='build', setting=dataclasses.asdict(setting))
+  if 'error' in reply:
+    return Runner(setting.name, None, error=reply['error'], setting=setting)
+
+  def run(n: int) -> float:
+    answer = process.call(op='run', name=setting.name, n=n)
+    if 'error' in answer:
+      raise RemoteError(answer['error'])
+    return answer['seconds']
+
+  return Runner(setting.name, run, first_s=reply['first_s'], warm_s=reply['warm_s'], peak_mem_mb=reply['peak_mem_mb'],
+                mem_method=reply['mem_method'], setting=setting, remote=True)  # fmt: skip
+
+
+def _serve(case: Case, runners: dict[str, Runner], command: dict) -> dict:
+  op = command['op']
+  if op == 'params':
+    return dict(params=case.count_torch() if case.count_torch else None)
+  if op == 'build':
+    setting = TorchSetting(**command['setting'])
+    if os.environ.get('CXRJAX_BENCH_ABORT_VARIANT') == setting.name:
+      os.abort()  # fault injection for the tests: a native crash, as PyTorch's heap corruption once was
+    r = torch_runner(case.torch_build, setting)
+    runners[setting.name] = r
+    return dict(first_s=r.first_s, warm_s=r.warm_s, peak_mem_mb=r.peak_mem_mb, mem_method=r.mem_method)
+  if op == 'run':
+    return dict(seconds=runners[command['name']].timed_run(command['n']))
+  raise ValueError(f'unknown command {op!r}')
+
+
+def _torch_server(args) -> None:
+  """The PyTorch process (`--torch-server`): answers the JAX worker's commands until `close`."""
+  cmd_fd, reply_fd = (int(x) for x in args.torch_fds.split(','))
+  (case,) = [c for c in cases_for(args.torch_server, args.quick, args.convolution) if c.model == args.torch_case]
+  runners: dict[str, Runner] = {}
+  with os.fdopen(cmd_fd) as commands, os.fdopen(reply_fd, 'w') as replies:
+    for line in commands:
+      command = json.loads(line)
+      if command['op'] == 'close':
+        break
+      try:
+        reply = _serve(case, runners, command)
+      except Exception as e:  # noqa: BLE001 - reported to the worker as the variant's error
+        reply = dict(error=_error(e))
+      replies.write(json.dumps(reply) + '\n')
+      replies.flush()
+
+
 # ----------------------------------------------------------------------------- cases
 
 
@@ -405,7 +545,7 @@ class Case:
   make_jax: Callable[[], Runner]
   torch_build: Callable[[str], Callable[[], Any]] | None
   params_jax: int | None = None
-  params_torch: int | None = None
+  count_torch: Callable[[], int] | None = None  # PyTorch's parameter count (imports torch: torch process only)
   compile_torch: bool = True
   notes: str = ''
   convolution: str = 'xla'  # what the JAX variant's convolutions run on (`onednn.resolve`)
@@ -467,13 +607,11 @@ def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
 
     return step
 
-  torch = _torch()
-  params_torch = _count_torch(torch_model()) if torch else None
   what = f'ResNet-18 CIFAR stem, width {s["width"]}' if name.startswith('resnet18') else (
     f'EfficientNetV2-{model.variant.upper()}, stem stride {model.stem_stride}, width x{s["width"]}, depth x{s["depth"]}'
   )  # fmt: skip
-  return Case(name, 'train', batch, size, (size, size, 1), make_jax, build, params_jax, params_torch,
-              notes=f'{what}, 1 channel, 2 classes, Adam 1e-3', convolution=conv_note)  # fmt: skip
+  return Case(name, 'train', batch, size, (size, size, 1), make_jax, build, params_jax,
+              lambda: _count_torch(torch_model()), notes=f'{what}, 1 channel, 2 classes, Adam 1e-3', convolution=conv_note)  # fmt: skip
 
 
 def _count_torch(*modules) -> int:
@@ -561,9 +699,8 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
 
     return step
 
-  torch = _torch()
-  params_torch = _count_torch(*torch_nets()) if torch else None
-  train = Case('dcgan', 'train', batch, size, (size, size, 1), make_jax, build, params_g + params_d, params_torch,
+  train = Case('dcgan', 'train', batch, size, (size, size, 1), make_jax, build, params_g + params_d,
+               lambda: _count_torch(*torch_nets()),
                notes=f'64-px DCGAN G+D step (ngf=ndf={g.g_width}, upsample {g.upsample!r}, D norm {g.d_norm!r}),'
                f' G {params_g:,} + D {params_d:,} params, Adam 2e-4 b1 0.5, non-saturating loss, EMA of G',
                convolution=conv_note)  # fmt: skip
@@ -589,7 +726,7 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
     return step
 
   sample = Case('dcgan_sample', 'sample', sb, size, (size, size, 1), make_jax_sample, build_sample, params_g,
-                _count_torch(torch_nets()[0]) if torch else None, compile_torch=False,
+                lambda: _count_torch(torch_nets()[0]), compile_torch=False,
                 notes='DCGAN G forward in eval mode (EMA variables), to uint8', convolution=conv_note)  # fmt: skip
   return [train, sample]
 
@@ -671,9 +808,8 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
 
     return step
 
-  torch = _torch()
-  params_torch = _count_torch(torch_unet()) if torch else None
-  train = Case('unet', 'train', batch, hw, (hw, hw, ch), make_jax, build, params_jax, params_torch,
+  count_torch = lambda: _count_torch(torch_unet())  # noqa: E731
+  train = Case('unet', 'train', batch, hw, (hw, hw, ch), make_jax, build, params_jax, count_torch,
                notes=f'latent UNet denoiser step, base {u.base_channels}, mults {tuple(u.channel_mults)},'
                f' {u.num_res_blocks} res blocks, attention at {tuple(u.attention_levels)}, {u.num_heads} heads,'
                f' random {hw}x{hw}x{ch} latents (no autoencoder), Adam {u.lr:g}, label dropout'
@@ -718,7 +854,7 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
     return step
 
   sample = Case(f'ldm_ddim{steps}_sample', 'sample', sb, hw, (hw, hw, ch), make_jax_sample, build_sample, params_jax,
-                params_torch, compile_torch=False,
+                count_torch, compile_torch=False,
                 notes=f'DDIM-{steps} (eta 0) over {hw}x{hw}x{ch} latents with guidance {lc.guidance_scale:g}'
                 ' (cond + uncond in one call per step); latents only, no decoder', convolution=conv_note)  # fmt: skip
   return [train, sample]
@@ -740,12 +876,14 @@ def cases_for(name: str, quick: bool, convolution: str = 'auto') -> list[Case]:
 
 def _error(e: BaseException) -> str:
   msg = ' '.join(str(e).split())
-  return f'{type(e).__name__}: {msg[:300]}'
+  return msg[:400] if isinstance(e, RemoteError) else f'{type(e).__name__}: {msg[:300]}'
 
 
 def _try_runner(name: str, make: Callable[[], Runner]) -> Runner:
   try:
     return make()
+  except TorchProcessDied:
+    raise
   except Exception as e:  # noqa: BLE001 - a failing variant (torch.compile, often) is reported, not fatal
     return Runner(name, None, error=_error(e))
 
@@ -769,8 +907,11 @@ def measure(
   log,
   exclude: dict[str, str] | None = None,
   progress: Callable[[str], None] | None = None,
+  torch_process: Callable[[], TorchProcess] | None = None,
 ) -> dict:
   """Builds and warms up every variant of `case`, then times them interleaved; returns the row.
+
+  The JAX variant runs in this process; the PyTorch variants in the one `torch_process()` starts.
 
   Args:
     case: what to measure.
@@ -782,11 +923,14 @@ def measure(
     log: a `str -> None` progress printer.
     exclude: variant name -> why it is not run (it crashed the process before).
     progress: called with a variant's name before it is built or run (crash attribution).
+    torch_process: starts the case's PyTorch process (None: no PyTorch variants).
 
   Returns:
     The row (see the module docstring).
+
+  Raises:
+    TorchProcessDied: the PyTorch process exited (a native crash); `progress` last named the variant.
   """
-  torch = _torch()
   exclude = exclude or {}
   progress = progress or (lambda name: None)
 
@@ -802,52 +946,56 @@ def measure(
   jx = make('jax', case.make_jax)
   runners, eager, comp = [jx], [], None
   compile_note = 'n/a: not measured'
-  if torch is not None and case.torch_build is not None:
-    for threads in torch_threads:
-      for fmt in TORCH_FORMATS:
-        setting = TorchSetting(fmt, threads)
-        r = make(setting.name, functools.partial(torch_runner, case.torch_build, setting))
-        r.setting = setting
-        eager.append(r)
-    ok = [r for r in eager if not r.error]
-    fastest = min(ok, key=lambda r: r.warm_s) if ok else None
-    for r in ok:
-      if r.warm_s > PRUNE_FACTOR * fastest.warm_s:
-        r.pruned = True
-        log(f'  {r.name}: pruned ({r.warm_s / fastest.warm_s:.1f}x slower than {fastest.name} in warm-up)')
-    runners += eager
-    if not case.compile_torch:
-      compile_note = 'n/a: not measured for sampling'
-    elif not compile_torch:
-      compile_note = 'n/a: skipped (--no-torch-compile or --quick)'
-    elif fastest is not None:
-      setting = dataclasses.replace(fastest.setting, compiled=True)
-      comp = make(setting.name, functools.partial(torch_runner, case.torch_build, setting))
-      comp.setting = setting
-      runners.append(comp)
-  elif torch is None:
-    compile_note = 'n/a: PyTorch not installed (pip install .[bench])'
+  with_torch = torch_process is not None and case.torch_build is not None
+  with torch_process() if with_torch else contextlib.nullcontext() as process:
+    params_torch = None
+    if process is not None:
+      params_torch = process.call(op='params').get('params')
+      for threads in torch_threads:
+        for fmt in TORCH_FORMATS:
+          setting = TorchSetting(fmt, threads)
+          r = make(setting.name, functools.partial(remote_torch_runner, process, setting))
+          r.setting = setting
+          eager.append(r)
+      ok = [r for r in eager if not r.error]
+      fastest = min(ok, key=lambda r: r.warm_s) if ok else None
+      for r in ok:
+        if r.warm_s > PRUNE_FACTOR * fastest.warm_s:
+          r.pruned = True
+          log(f'  {r.name}: pruned ({r.warm_s / fastest.warm_s:.1f}x slower than {fastest.name} in warm-up)')
+      runners += eager
+      if not case.compile_torch:
+        compile_note = 'n/a: not measured for sampling'
+      elif not compile_torch:
+        compile_note = 'n/a: skipped (--no-torch-compile or --quick)'
+      elif fastest is not None:
+        setting = dataclasses.replace(fastest.setting, compiled=True)
+        comp = make(setting.name, functools.partial(remote_torch_runner, process, setting))
+        comp.setting = setting
+        runners.append(comp)
+    elif not torch_installed():
+      compile_note = 'n/a: PyTorch not installed (pip install .[bench])'
 
-  timed = [r for r in runners if r.error is None and not r.pruned]
-  if steps is None:
-    slowest = max((r.warm_s for r in timed), default=1.0)
-    # A call that already lasts a block is timed once per block: three 31-s DDIM calls per variant and
-    # repetition made that row alone take 18 minutes.
-    steps = max(1, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
-  for rep in range(reps):
-    k = rep % max(len(timed), 1)  # rotate the order so no variant always runs first (or after JAX)
-    for r in timed[k:] + timed[:k]:
-      if r.error:
-        continue
-      try:
-        progress(r.name)
-        t = time.perf_counter()
-        r.run(steps)
-        r.per_step.append((time.perf_counter() - t) / steps)
-      except Exception as e:  # noqa: BLE001 - as in _try_runner
-        r.error = _error(e)
-    done = [f'{r.name} {case.batch / r.per_step[-1]:.1f}' for r in timed if len(r.per_step) == rep + 1]
-    log(f'  rep {rep + 1}/{reps} ({steps} steps): ' + '; '.join(done) + ' images/s')
+    timed = [r for r in runners if r.error is None and not r.pruned]
+    if steps is None:
+      slowest = max((r.warm_s for r in timed), default=1.0)
+      # A call that already lasts a block is timed once per block: three 31-s DDIM calls per variant and
+      # repetition made that row alone take 18 minutes.
+      steps = max(1, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
+    for rep in range(reps):
+      k = rep % max(len(timed), 1)  # rotate the order so no variant always runs first (or after JAX)
+      for r in timed[k:] + timed[:k]:
+        if r.error:
+          continue
+        try:
+          progress(r.name)
+          r.per_step.append(r.timed_run(steps) / steps)
+        except TorchProcessDied:
+          raise
+        except Exception as e:  # noqa: BLE001 - as in _try_runner
+          r.error = _error(e)
+      done = [f'{r.name} {case.batch / r.per_step[-1]:.1f}' for r in timed if len(r.per_step) == rep + 1]
+      log(f'  rep {rep + 1}/{reps} ({steps} steps): ' + '; '.join(done) + ' images/s')
 
   def speed(r: Runner | None):
     return r.images_per_s(case.batch) if r is not None else None
@@ -897,12 +1045,13 @@ def measure(
     image_size=case.image_size,
     input_shape=list(case.input_shape),
     params_jax=case.params_jax,
-    params_torch=case.params_torch,
+    params_torch=params_torch,
     steps_per_rep=steps,
     reps=reps,
     mem_method=jx.mem_method,
     load_avg=_round(os.getloadavg()[0], 2),
     notes=case.notes,
+    torch_in_jax_process='torch' in sys.modules,  # False: PyTorch ran in its own process (TorchProcess)
   )
   if jx.error:
     row['errors'] = {'jax': jx.error}
@@ -1090,6 +1239,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker-result', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker-exclude', default='{}', help=argparse.SUPPRESS)
+  # Internal: the PyTorch variants of one case, in their own process (see `TorchProcess`).
+  parser.add_argument('--torch-server', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--torch-case', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--torch-fds', default=None, help=argparse.SUPPRESS)
   return parser
 
 
@@ -1113,6 +1266,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.error(f'--torch-threads: expected comma-separated integers, got {args.torch_threads!r}')
   if not torch_threads or min(torch_threads) < 1:
     parser.error('--torch-threads must be positive')
+  if args.torch_server:
+    _torch_server(args)
+    return []
   if args.worker:
     _worker(args, torch_threads)
     return []
@@ -1123,7 +1279,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     machine['convolution'] = onednn.resolve(args.convolution)[1]
   except UserError as e:
     parser.error(str(e))
-  if _torch() is None:
+  if not torch_installed():
     _log('PyTorch is not installed: JAX only (pip install .[bench] for the baselines)')
   forward = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}',
              f'--torch-threads={",".join(map(str, torch_threads))}']  # fmt: skip
@@ -1172,6 +1328,8 @@ def _run_model(name: str, forward: list[str], max_attempts: int = 6) -> list[dic
         break
       progress = _read_progress(result + '.progress')
       how = f'signal {signal.Signals(-code).name}' if code < 0 else f'exit code {code}'
+      with contextlib.suppress(OSError):
+        how = Path(result + '.died').read_text()  # the worker's PyTorch process died, not the worker
       reason = f'crashed the process ({how}; {" | ".join(t for t in tail if t)[-300:]})'
       if progress is None or progress[1] in exclude.get(progress[0], {}):
         rows[f'{name}?'] = _failed_row(name, f'worker {reason}')
@@ -1228,15 +1386,21 @@ def _worker(args, torch_threads: tuple[int, ...]) -> None:
       with open(result + '.progress', 'w') as f:
         f.write(f'{model}\t{variant}\n')
 
-    emit(measure(case, args.reps, args.steps, args.rep_seconds, compile_torch, torch_threads, _log,
-                 exclude=exclude.get(case.model, {}), progress=progress))  # fmt: skip
+    torch_process = None
+    if torch_installed():
+      torch_process = functools.partial(TorchProcess, args.worker, case.model, args.quick, args.convolution)
+    try:
+      row = measure(case, args.reps, args.steps, args.rep_seconds, compile_torch, torch_threads, _log,
+                    exclude=exclude.get(case.model, {}), progress=progress, torch_process=torch_process)  # fmt: skip
+    except TorchProcessDied as e:
+      _log(f'[{case.model}] {e}')
+      Path(result + '.died').write_text(str(e))
+      sys.exit(3)  # `_run_model` reads the progress file, excludes that variant and measures again
+    emit(row)
     _cleanup()
 
 
 def _cleanup() -> None:
-  torch = _torch()
-  if torch is not None:
-    torch.compiler.reset()  # drops compiled graphs of the previous case
   jax.clear_caches()
   gc.collect()
   _malloc_trim()
