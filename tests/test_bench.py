@@ -159,6 +159,9 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
+  assert row['warmup_rounds'] == 1  # an untimed round first, then the 2 timed repetitions
+  assert len(row['jax_minor_faults_per_rep']) == 2 and len(row['torch_minor_faults_per_rep']) == 2
+  assert all(f >= 0 for f in row['jax_minor_faults_per_rep'] + row['torch_minor_faults_per_rep'])
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: ' in proc.stdout

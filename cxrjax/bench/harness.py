@@ -38,7 +38,9 @@ heap and resident set: sharing one heap slowed JAX's first block after a PyTorch
 The variants are interleaved, one process running at a time: repetition r runs a block of N steps of each
 variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2 and 1 intra-op
 threads; torch.compile), the order rotated by one each repetition, so all see the same load. A PyTorch
-block is timed inside its process (the pipe's round trip is not counted).
+block is timed inside its process (the pipe's round trip is not counted). One untimed round of blocks
+runs first (`WARMUP_ROUNDS`): a process's heap can still grow in its first blocks after the other process
+has run, with a storm of page faults (BUILD_NOTES, issue 8).
 Two warm-up steps per variant are not timed. images/s = batch / median over repetitions of the mean step
 time of a block; N is `--steps`, or chosen so a block of the slowest variant lasts about `--rep-seconds`
 (at least one step). An eager variant more than 3x slower than the fastest one in its warm-up step is not
@@ -78,8 +80,9 @@ torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a
 torch_compile_setting, torch_compile_s, torch_peak_mem_mb, jax_first_step_s, jax_images_per_s_range and
 torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (side of the input: pixels, or
 latent size), input_shape, params_jax, params_torch, steps_per_rep, reps, mem_method, load_avg, notes`, and
-`errors` when the JAX variant or the worker failed, and `torch_in_jax_process` (False: PyTorch ran in its own
-process). Input rows have `images_per_s` and `num_threads`; their
+`errors` when the JAX variant or the worker failed, `torch_in_jax_process` (False: PyTorch ran in its own
+process), `warmup_rounds`, and `jax_minor_faults_per_rep` / `torch_minor_faults_per_rep` (minor page faults
+of each timed block, in the process that ran it: a growing heap shows here). Input rows have `images_per_s` and `num_threads`; their
 JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, malloc, load)
 are printed too. On a shared machine the numbers move with the load; compare within a row (same run,
 interleaved), not across runs.
@@ -134,6 +137,8 @@ TORCH_FORMATS = ('contiguous', 'channels_last')
 # which thread count wins flips with the load of the machine (2x either way here), so only pathological
 # variants (OpenMP stalling on tiny operations: 100x) are dropped.
 PRUNE_FACTOR = 3.0
+# Untimed interleaved rounds (a block of every variant) before the timed repetitions.
+WARMUP_ROUNDS = 1
 
 # Full and --quick settings per model. EfficientNetV2 runs at batch 32 (see the module docstring).
 FULL = dict(
@@ -178,6 +183,10 @@ def _status_kb(field: str) -> int | None:
   except OSError:
     return None
   return None
+
+
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _reset_hwm() -> bool:
@@ -236,13 +245,17 @@ class Runner:
   per_step: list[float] = dataclasses.field(default_factory=list)
   mesh_devices: int | None = None  # JAX step: devices of the compiled batch sharding
   batch_split: bool | None = None  # JAX step: whether that sharding splits the batch
-  remote: bool = False  # runs in the PyTorch process: `run` returns the seconds it measured there
+  remote: bool = False  # runs in the PyTorch process: `run` returns (seconds, minor faults) measured there
+  faults: list[int] = dataclasses.field(default_factory=list)  # minor page faults per timed block
 
-  def timed_run(self, n: int) -> float:
-    """Runs n steps and returns the seconds they took (a remote variant's own timing, without the pipe)."""
+  def timed_run(self, n: int) -> tuple[float, int]:
+    """Runs n steps; (seconds, minor page faults) of the block, measured in the process that ran it."""
+    if self.remote:
+      return self.run(n)
+    f = _minor_faults()
     t = time.perf_counter()
-    seconds = self.run(n)
-    return seconds if self.remote else time.perf_counter() - t
+    self.run(n)
+    return time.perf_counter() - t, _minor_faults() - f
 
   def images_per_s(self, batch: int) -> float | None:
     if self.error or not self.per_step:
@@ -486,11 +499,11 @@ def remote_torch_runner(process: TorchProcess, setting: TorchSetting) -> Runner:
   if 'error' in reply:
     return Runner(setting.name, None, error=reply['error'], setting=setting)
 
-  def run(n: int) -> float:
+  def run(n: int) -> tuple[float, int]:
     answer = process.call(op='run', name=setting.name, n=n)
     if 'error' in answer:
       raise RemoteError(answer['error'])
-    return answer['seconds']
+    return answer['seconds'], answer['faults']
 
   return Runner(setting.name, run, first_s=reply['first_s'], warm_s=reply['warm_s'], peak_mem_mb=reply['peak_mem_mb'],
                 mem_method=reply['mem_method'], setting=setting, remote=True)  # fmt: skip
@@ -508,7 +521,8 @@ def _serve(case: Case, runners: dict[str, Runner], command: dict) -> dict:
     runners[setting.name] = r
     return dict(first_s=r.first_s, warm_s=r.warm_s, peak_mem_mb=r.peak_mem_mb, mem_method=r.mem_method)
   if op == 'run':
-    return dict(seconds=runners[command['name']].timed_run(command['n']))
+    seconds, faults = runners[command['name']].timed_run(command['n'])
+    return dict(seconds=seconds, faults=faults)
   raise ValueError(f'unknown command {op!r}')
 
 
@@ -982,18 +996,27 @@ def measure(
       # A call that already lasts a block is timed once per block: three 31-s DDIM calls per variant and
       # repetition made that row alone take 18 minutes.
       steps = max(1, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
-    for rep in range(reps):
+    # One untimed round first: a process's heap keeps growing for its first few blocks after
+    # the other process has run (page-fault storms of a fresh XLA scratch buffer; see
+    # BUILD_NOTES, issue 8), which is warm-up, not throughput.
+    for rep in range(-WARMUP_ROUNDS, reps):
       k = rep % max(len(timed), 1)  # rotate the order so no variant always runs first (or after JAX)
       for r in timed[k:] + timed[:k]:
         if r.error:
           continue
         try:
           progress(r.name)
-          r.per_step.append(r.timed_run(steps) / steps)
+          seconds, faults = r.timed_run(steps)
+          if rep >= 0:
+            r.per_step.append(seconds / steps)
+            r.faults.append(faults)
         except TorchProcessDied:
           raise
         except Exception as e:  # noqa: BLE001 - as in _try_runner
           r.error = _error(e)
+      if rep < 0:
+        log(f'  warm-up round ({steps} steps per variant) done')
+        continue
       done = [f'{r.name} {case.batch / r.per_step[-1]:.1f}' for r in timed if len(r.per_step) == rep + 1]
       log(f'  rep {rep + 1}/{reps} ({steps} steps): ' + '; '.join(done) + ' images/s')
 
@@ -1040,6 +1063,9 @@ def measure(
     torch_peak_mem_mb=_round(best.peak_mem_mb, 1) if best else None,
     jax_first_step_s=_round(jx.first_s, 3),
     jax_images_per_s_range=_range(jx, case.batch),
+    jax_minor_faults_per_rep=jx.faults or None,
+    torch_minor_faults_per_rep=best.faults if best else None,
+    warmup_rounds=WARMUP_ROUNDS,
     torch_images_per_s_range=_range(best, case.batch) if best else None,
     batch=case.batch,
     image_size=case.image_size,
