@@ -39,8 +39,9 @@ The variants are interleaved, one process running at a time: repetition r runs a
 variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2 and 1 intra-op
 threads; torch.compile), the order rotated by one each repetition, so all see the same load. A PyTorch
 block is timed inside its process (the pipe's round trip is not counted). One untimed round of blocks
-runs first (`WARMUP_ROUNDS`): a process's heap can still grow in its first blocks after the other process
-has run, with a storm of page faults (BUILD_NOTES, issue 8).
+runs first (`WARMUP_ROUNDS`), since a process's first blocks after the other's run slower. JAX blocks can
+still hit a storm of page faults later (its heap growing by a fresh XLA scratch buffer; BUILD_NOTES,
+issue 8): the rows record each block's minor faults, so such blocks can be told from the rest.
 Two warm-up steps per variant are not timed. images/s = batch / median over repetitions of the mean step
 time of a block; N is `--steps`, or chosen so a block of the slowest variant lasts about `--rep-seconds`
 (at least one step). An eager variant more than 3x slower than the fastest one in its warm-up step is not
@@ -996,9 +997,8 @@ def measure(
       # A call that already lasts a block is timed once per block: three 31-s DDIM calls per variant and
       # repetition made that row alone take 18 minutes.
       steps = max(1, min(50, math.ceil(rep_seconds / max(slowest, 1e-6))))
-    # One untimed round first: a process's heap keeps growing for its first few blocks after
-    # the other process has run (page-fault storms of a fresh XLA scratch buffer; see
-    # BUILD_NOTES, issue 8), which is warm-up, not throughput.
+    # One untimed round first: each process's first blocks after the other's run are slower
+    # (heap growth, cold caches), which is warm-up, not throughput.
     for rep in range(-WARMUP_ROUNDS, reps):
       k = rep % max(len(timed), 1)  # rotate the order so no variant always runs first (or after JAX)
       for r in timed[k:] + timed[:k]:
