@@ -34,7 +34,7 @@ steps run as the trainers run them, on a data-parallel mesh of every local devic
 XLA_FLAGS sets `--xla_force_host_platform_device_count`); sampling runs on one device. Each model runs in
 a fresh worker process, which runs the JAX variant itself and starts, per case, a second process for the
 PyTorch variants (`TorchProcess`; the worker never imports PyTorch), so each framework has its own malloc
-heap and resident set: sharing one heap slowed JAX's first block after a PyTorch block by up to 40%.
+heap and resident set (in one process, JAX's first block after a PyTorch block ran up to 40% slower).
 The variants are interleaved, one process running at a time: repetition r runs a block of N steps of each
 variant in turn (JAX; PyTorch eager in NCHW and channels_last memory formats, each with 2 and 1 intra-op
 threads; torch.compile), the order rotated by one each repetition, so all see the same load. A PyTorch
@@ -62,9 +62,10 @@ before any step runs; `jax_first_step_s` is the first execution after it. `torch
 the first torch.compile step (compilation of forward and backward included).
 
 Peak memory is approximate on CPU, where `jax.devices()[0].memory_stats()` returns None: for each variant, the
-growth of its process's resident set (the JAX worker's or the PyTorch process's; Linux: VmHWM after resetting it through /proc/self/clear_refs, relative
-to VmRSS at the start; elsewhere the growth of getrusage's ru_maxrss, which misses peaks below an earlier one)
-from just before its parameters are created until the end of its warm-up steps, after `malloc_trim`. So it
+growth of its process's resident set (the JAX worker's or the PyTorch process's; Linux: VmHWM after
+resetting it through /proc/self/clear_refs, relative to VmRSS at the start; elsewhere the growth of
+getrusage's ru_maxrss, which misses peaks below an earlier one) from just before its parameters are created
+until the end of its warm-up steps, after `malloc_trim`. So it
 counts parameters, optimizer state, gradients, activations and temporaries, but not compiler memory (JAX's
 step is compiled before) nor the runtimes themselves. On N forced CPU devices the replicated state is held N
 times in host memory, so peak memory is comparable only between rows with the same `jax_mesh_devices`.
@@ -83,8 +84,8 @@ torch_images_per_s_range ([slowest, fastest] repetition), batch, image_size (sid
 latent size), input_shape, params_jax, params_torch, steps_per_rep, reps, mem_method, load_avg, notes`, and
 `errors` when the JAX variant or the worker failed, `torch_in_jax_process` (False: PyTorch ran in its own
 process), `warmup_rounds`, and `jax_minor_faults_per_rep` / `torch_minor_faults_per_rep` (minor page faults
-of each timed block, in the process that ran it: a growing heap shows here). Input rows have `images_per_s` and `num_threads`; their
-JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, malloc, load)
+of each timed block, in the process that ran it: a growing heap shows here). Input rows have `images_per_s`
+and `num_threads`; their JAX/PyTorch fields are None. The table and a machine description (CPU, cores, versions, XLA_FLAGS, malloc, load)
 are printed too. On a shared machine the numbers move with the load; compare within a row (same run,
 interleaved), not across runs.
 """
@@ -438,16 +439,16 @@ class RemoteError(Exception):
 class TorchProcess:
   """A child process that builds and runs the PyTorch variants of one case when the JAX worker says so.
 
-  Why a second process: with both frameworks in one process they share one malloc heap, and PyTorch's
-  allocations between two JAX blocks split the free block that XLA's per-execution scratch buffer reuses
-  (cxrjax's malloc setting keeps freed memory in the heap), so JAX's first block after a PyTorch variant
-  ran up to 40% slower (BUILD_NOTES, issue 8). Now each framework has its own heap and its own resident
-  set, while the blocks stay interleaved, one process running at a time, so both see the same load.
+  Why a second process: in one process the two frameworks share one malloc heap (with cxrjax's malloc
+  setting, which keeps freed memory in it), and JAX's first block after a PyTorch block ran up to 40%
+  slower (BUILD_NOTES, issue 8). Now each framework has its own heap and resident set, while the blocks
+  stay interleaved, one process running at a time, so both see the same load. The PyTorch process imports
+  cxrjax (the cases are defined there), so JAX is initialised in it, but it runs no JAX step.
 
   Protocol: one JSON object per line over two pipes; every command gets one reply. `params` -> the PyTorch
   parameter count; `build` (a `TorchSetting`) -> its warm-up times and memory, or `error`; `run` (name, n)
-  -> the seconds n steps took, or `error`; `close` ends the process. Its stdout goes to stderr (the
-  benchmark's stdout is the table), its stderr is the worker's.
+  -> the seconds n steps took and their minor page faults, or `error`; `close` ends the process. Its
+  stdout goes to stderr (the benchmark's stdout is the table), its stderr is the worker's.
   """
 
   def __init__(self, model: str, case: str, quick: bool, convolution: str):
