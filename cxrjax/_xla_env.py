@@ -12,12 +12,22 @@ glibc serves blocks that large with a fresh `mmap` and returns them with
 `munmap`, so every step page-faults its whole scratch buffer in again (330,000
 faults per step). `configure_malloc` keeps freed memory in the heap instead,
 where the next step finds it, at the price of a larger peak heap;
-`CXRJAX_KEEP_MALLOC=1` leaves malloc alone.
+Even so, glibc sometimes splits the freed block for small requests, and the
+next step's buffer comes from fresh pages again (a "fault storm", up to 25%
+slower steps). The command-line entry points therefore restart themselves once
+with `block_cache.c` preloaded (`reexec_with_block_cache`), which keeps every
+block of 64 MB or more whole for the next request of its size.
+`CXRJAX_KEEP_MALLOC=1` leaves malloc alone (and skips the block cache).
 """
 
 import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce',)
 
@@ -104,6 +114,9 @@ def configure_malloc() -> str:
   done = [mallopt(_M_ARENA_MAX, 1), mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1)]
   if all(done):
     malloc_setting = f'glibc {version}: arena_max=1, mmap_max=0, trim_threshold=off'
+    threshold = block_cache_stats()['threshold_mb'] if block_cache_active() else None
+    if threshold is not None:
+      malloc_setting += f"; blocks >= {threshold} MB from cxrjax's block cache (LD_PRELOAD)"
   else:
     malloc_setting = f'unchanged (glibc {version}: mallopt refused: {done})'
   return malloc_setting
@@ -119,3 +132,83 @@ def _jax_backend_started() -> bool | None:
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):  # a JAX without this private helper
     return None
+
+
+BLOCK_CACHE_SOURCE = Path(__file__).with_name('block_cache.c')
+_CFLAGS = ('-O2', '-shared', '-fPIC', '-Wall')
+
+
+def block_cache_active() -> bool:
+  """Whether `block_cache.c` was preloaded into this process."""
+  try:
+    return hasattr(ctypes.CDLL(None), 'cxrjax_block_cache_stats')
+  except OSError:
+    return False
+
+
+def block_cache_stats() -> dict[str, int]:
+  """The block cache's counters in this process (it must be active).
+
+  Returns:
+    `mapped` (blocks taken from the system), `reused` (requests served by a kept
+    block), `unmapped` (idle blocks given back) and `threshold_mb`.
+  """
+  counts = (ctypes.c_uint64 * 4)()
+  ctypes.CDLL(None).cxrjax_block_cache_stats(counts)
+  return dict(mapped=counts[0], reused=counts[1], unmapped=counts[2], threshold_mb=counts[3] >> 20)
+
+
+def block_cache_library() -> Path:
+  """The compiled block cache, built with the C compiler on first use and cached by source hash.
+
+  Raises:
+    RuntimeError: no C compiler, or it failed.
+  """
+  key = hashlib.sha256(BLOCK_CACHE_SOURCE.read_bytes() + ' '.join(_CFLAGS).encode()).hexdigest()[:16]
+  cache = Path(os.environ.get('CXRJAX_CACHE_DIR', Path.home() / '.cache' / 'cxrjax')) / 'block_cache'
+  out = cache / f'block_cache-{key}.so'
+  if out.exists():
+    return out
+  cc = shutil.which(os.environ.get('CC', 'cc')) or shutil.which('gcc')
+  if cc is None:
+    raise RuntimeError(f'no C compiler ({os.environ.get("CC", "cc")}) to build {BLOCK_CACHE_SOURCE.name}')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
+  os.close(fd)
+  cmd = [cc, *_CFLAGS, str(BLOCK_CACHE_SOURCE), '-o', tmp, '-ldl', '-lpthread']
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise RuntimeError(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-500:]}')
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return out
+
+
+def reexec_with_block_cache() -> None:
+  """Restarts this process (same PID, arguments and environment) with the block cache preloaded.
+
+  The command-line entry points call it first, before JAX starts: LD_PRELOAD is
+  only read when a process starts. Does nothing when the cache is already
+  active, under `CXRJAX_KEEP_MALLOC=1`, off Linux, or when an earlier attempt
+  did not take (the library is in LD_PRELOAD but not loaded: no loop). When the
+  library cannot be built the process goes on with glibc's heap, and its
+  `malloc_setting` (in every output) says so.
+  """
+  global malloc_setting
+  if os.environ.get('CXRJAX_KEEP_MALLOC') or not sys.platform.startswith('linux') or block_cache_active():
+    return
+  if 'block_cache-' in os.environ.get('LD_PRELOAD', ''):
+    return  # preloaded before and not loaded: the loader refused it, do not try forever
+  try:
+    lib = block_cache_library()
+  except (RuntimeError, OSError) as e:
+    malloc_setting += f'; no block cache ({" ".join(str(e).split())[:200]})'
+    return
+  env = dict(os.environ)
+  env['LD_PRELOAD'] = ' '.join(filter(None, [str(lib), env.get('LD_PRELOAD', '')]))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
+from cxrjax import _xla_env  # importing the package sets XLA flags before JAX starts
 from cxrjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:profile]).')
@@ -149,6 +149,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  # First, while nothing has started: restart with the block cache for XLA's scratch buffers.
+  _xla_env.reexec_with_block_cache()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -208,6 +208,8 @@ def csv_text(rows: list[dict]) -> str:
 if __name__ == '__main__':
   from absl import app
 
+  from cxrjax import _xla_env
   from cxrjax import main as _cli
 
+  _xla_env.reexec_with_block_cache()
   app.run(main, flags_parser=_cli.parse_flags, argv=sys.argv)

@@ -42,7 +42,9 @@ print(json.dumps(dict(flags=_xla_env.CPU_FLAGS, xla_flags=m['xla_flags'], malloc
 
 
 def _run(script: str, **env_extra: str) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith('CXRJAX_KEEP_') and k != 'XLA_FLAGS'}
+  env = {
+    k: v for k, v in os.environ.items() if not k.startswith('CXRJAX_KEEP_') and k not in ('XLA_FLAGS', 'LD_PRELOAD')
+  }
   env.update(env_extra)
   proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
