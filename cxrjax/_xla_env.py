@@ -12,9 +12,10 @@ glibc serves blocks that large with a fresh `mmap` and returns them with
 `munmap`, so every step page-faults its whole scratch buffer in again (330,000
 faults per step). `configure_malloc` keeps freed memory in the heap instead,
 where the next step finds it, at the price of a larger peak heap;
-Even so, glibc sometimes splits the freed block for small requests, and the
-next step's buffer comes from fresh pages again (a "fault storm", up to 25%
-slower steps). The command-line entry points therefore restart themselves once
+Even so, when the next step allocates its buffer before the previous step has
+freed its own (asynchronous dispatch makes that a race), glibc serves it from
+fresh pages at the top of its heap and fragments it later (a "fault storm", up
+to 25% slower steps). The command-line entry points therefore restart themselves once
 with `block_cache.c` preloaded (`reexec_with_block_cache`), which keeps every
 block of 64 MB or more whole for the next request of its size.
 `CXRJAX_KEEP_MALLOC=1` leaves malloc alone (and skips the block cache).
@@ -206,6 +207,9 @@ def reexec_with_block_cache() -> None:
     lib = block_cache_library()
   except (RuntimeError, OSError) as e:
     malloc_setting += f'; no block cache ({" ".join(str(e).split())[:200]})'
+    return
+  if any(c in str(lib) for c in ' :'):  # LD_PRELOAD separates entries with spaces and colons
+    malloc_setting += f'; no block cache (its path {str(lib)!r} cannot go in LD_PRELOAD)'
     return
   env = dict(os.environ)
   env['LD_PRELOAD'] = ' '.join(filter(None, [str(lib), env.get('LD_PRELOAD', '')]))

@@ -3,13 +3,15 @@
 // Why: XLA's CPU runtime mallocs each execution's scratch buffer (1.3 GB for the
 // ResNet-18 step at 28 px, 2.9 GB at 64 px) and frees it when the step ends.
 // cxrjax already keeps freed memory in glibc's heap (`_xla_env.configure_malloc`),
-// but glibc splits the freed block to serve small requests in between, the next
-// step's buffer no longer fits in the hole and comes from fresh pages at the top
-// of the heap: 335,000-735,000 page faults and a 25% slower step, in some steps
-// and not others (BUILD_NOTES.md, issue 8). Here every request of at least
+// but with asynchronous dispatch the next step sometimes allocates its buffer
+// before the previous step has freed its own; glibc takes the second one from
+// fresh pages at the top of the heap and later fragments it: 148,000-735,000 page
+// faults and a 25% slower step, in some steps and not others (BUILD_NOTES.md,
+// issue 8). Here every request of at least
 // CXRJAX_BLOCK_CACHE_MB megabytes (default 64) gets its own `mmap`ed block; a
 // freed block is kept, whole, for the next request of about its size, so the
-// same pages serve every step. Nothing else ever lands in it.
+// same pages (two blocks when steps overlap) serve every step. Nothing else ever
+// lands in them.
 //
 // Smaller requests, and pointers that are not ours, go to glibc's own entry
 // points (`__libc_malloc` and friends), unchanged. Idle blocks beyond
