@@ -11,14 +11,15 @@ frees it afterwards (1.34 GB for a ResNet-18 training step at 28 px, batch 128).
 glibc serves blocks that large with a fresh `mmap` and returns them with
 `munmap`, so every step page-faults its whole scratch buffer in again (330,000
 faults per step). `configure_malloc` keeps freed memory in the heap instead,
-where the next step finds it, at the price of a larger peak heap;
+where the next step finds it, at the price of a larger peak heap.
+
 Even so, when the next step allocates its buffer before the previous step has
 freed its own (asynchronous dispatch makes that a race), glibc serves it from
 fresh pages at the top of its heap and fragments it later (a "fault storm", up
-to 25% slower steps). The command-line entry points therefore restart themselves once
-with `block_cache.c` preloaded (`reexec_with_block_cache`), which keeps every
-block of 64 MB or more whole for the next request of its size.
-`CXRJAX_KEEP_MALLOC=1` leaves malloc alone (and skips the block cache).
+to 25% slower steps). The command-line entry points therefore restart
+themselves once with `block_cache.c` preloaded (`reexec_with_block_cache`),
+which keeps every block of 64 MB or more whole for the next request of its
+size. `CXRJAX_KEEP_MALLOC=1` leaves malloc alone (and skips the block cache).
 """
 
 import ctypes

@@ -74,7 +74,6 @@ __attribute__((constructor)) static void init(void) {
   threshold = env_mb("CXRJAX_BLOCK_CACHE_MB", threshold);
   if (threshold < PAGE) threshold = PAGE;
   idle_cap = env_mb("CXRJAX_BLOCK_CACHE_IDLE_MB", idle_cap);
-  libc_usable_size = (size_t (*)(void *))dlsym(RTLD_NEXT, "malloc_usable_size");
   pthread_atfork(before_fork, after_fork, after_fork);
 }
 
@@ -262,6 +261,9 @@ size_t malloc_usable_size(void *p) {
   if (p == NULL) return 0;
   size_t n = our_size(p);
   if (n) return n;
+  // Looked up on first use, not in the constructor: another library's constructor may
+  // call this before ours has run.
+  if (libc_usable_size == NULL) libc_usable_size = (size_t (*)(void *))dlsym(RTLD_NEXT, "malloc_usable_size");
   return libc_usable_size ? libc_usable_size(p) : 0;
 }
 
