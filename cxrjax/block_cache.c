@@ -186,6 +186,18 @@ void free(void *p) {
   if (p && !give_back(p)) __libc_free(p);
 }
 
+// C23's sized frees (glibc 2.39 and later would otherwise pass our blocks to its own free).
+void free_sized(void *p, size_t n) {
+  (void)n;
+  free(p);
+}
+
+void free_aligned_sized(void *p, size_t alignment, size_t n) {
+  (void)alignment;
+  (void)n;
+  free(p);
+}
+
 void *calloc(size_t count, size_t size) {
   size_t n;
   if (__builtin_mul_overflow(count, size, &n)) {

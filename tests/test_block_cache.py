@@ -80,6 +80,11 @@ libc.free(g)
 libc.free(e)  # 30 + 12 + 9 MB idle: the 30 MB block, now the least recently used, goes back
 out['unmapped_at_51_mb'] = stats()['unmapped']
 out['stats'] = stats()
+# C23's free_sized (glibc 2.39+ has its own) must hand our blocks back to the cache too.
+h = libc.malloc(20 * MB)
+libc.free_sized(ctypes.c_void_p(h), ctypes.c_size_t(20 * MB))
+reused = stats()['reused']
+out['free_sized_kept'] = libc.malloc(20 * MB) == h and stats()['reused'] == reused + 1
 print(json.dumps(out))
 """
 
@@ -128,6 +133,7 @@ def test_large_blocks_are_kept_and_reused_small_ones_left_to_glibc():
   assert r['small_request_new_block'] and r['small_is_glibc'] and r['aligned_alloc_cached']
   assert r['unmapped_at_46_mb'] == 1 and r['unmapped_at_51_mb'] == 2, r
   assert r['stats']['reused'] == 2, r  # the 15 MB malloc and the calloc
+  assert r['free_sized_kept'], r
 
 
 def test_training_gives_identical_bits_with_and_without_the_cache():
