@@ -167,17 +167,33 @@ def block_cache_library() -> Path:
     RuntimeError: no C compiler, or it failed.
   """
   key = hashlib.sha256(BLOCK_CACHE_SOURCE.read_bytes() + ' '.join(_CFLAGS).encode()).hexdigest()[:16]
-  cache = Path(os.environ.get('CXRJAX_CACHE_DIR', Path.home() / '.cache' / 'cxrjax')) / 'block_cache'
-  out = cache / f'block_cache-{key}.so'
+  out = cache_dir('block_cache') / f'block_cache-{key}.so'
   if out.exists():
     return out
   cc = shutil.which(os.environ.get('CC', 'cc')) or shutil.which('gcc')
   if cc is None:
     raise RuntimeError(f'no C compiler ({os.environ.get("CC", "cc")}) to build {BLOCK_CACHE_SOURCE.name}')
+  return compile_once([cc, *_CFLAGS, str(BLOCK_CACHE_SOURCE), '-ldl', '-lpthread'], out)
+
+
+def cache_dir(name: str) -> Path:
+  """`~/.cache/cxrjax/<name>` (or under `CXRJAX_CACHE_DIR`): where compiled helpers are kept."""
+  return Path(os.environ.get('CXRJAX_CACHE_DIR', Path.home() / '.cache' / 'cxrjax')) / name
+
+
+def compile_once(cmd: list[str], out: Path) -> Path:
+  """Runs the compiler command `cmd -o <temporary file>` and moves the result to `out`.
+
+  Concurrent builders (test workers, processes of one launch) each write their own
+  temporary file, so `out` is always whole.
+
+  Raises:
+    RuntimeError: the compiler failed (its command and the end of its stderr).
+  """
   out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
-  cmd = [cc, *_CFLAGS, str(BLOCK_CACHE_SOURCE), '-o', tmp, '-ldl', '-lpthread']
+  cmd = [*cmd, '-o', tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:

@@ -34,8 +34,6 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cxrjax import _xla_env
 from cxrjax.errors import UserError
 
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
@@ -70,36 +69,21 @@ def _library() -> Path:
   raise RuntimeError('the onednn-cpu-gomp wheel has no libdnnl.so.3')
 
 
-def _cache_dir() -> Path:
-  return Path(os.environ.get('CXRJAX_CACHE_DIR', Path.home() / '.cache' / 'cxrjax')) / 'onednn'
-
-
 def _build(lib: Path) -> Path:
   """The compiled extension for this source, library and jaxlib, compiling it if it is not cached."""
   include = jax.ffi.include_dir()
   key = hashlib.sha256(
     SOURCE.read_bytes() + str(lib).encode() + jax.lib.__version__.encode() + ' '.join(_CXXFLAGS).encode()
   ).hexdigest()[:16]
-  out = _cache_dir() / f'onednn_conv-{key}.so'
+  out = _xla_env.cache_dir('onednn') / f'onednn_conv-{key}.so'
   if out.exists():
     return out
   cxx = shutil.which(os.environ.get('CXX', 'g++'))
   if cxx is None:
     raise RuntimeError(f'no C++ compiler ({os.environ.get("CXX", "g++")}) to build {SOURCE.name}')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)  # concurrent builders each write their own file
-  os.close(fd)
-  cmd = [cxx, *_CXXFLAGS, f'-I{include}', str(SOURCE), str(lib),
-         f'-Wl,-rpath,{lib.parent}', '-o', tmp]  # fmt: skip
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-      raise RuntimeError(f'{" ".join(cmd)} failed: {proc.stderr.strip()[-500:]}')
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return out
+  return _xla_env.compile_once(
+    [cxx, *_CXXFLAGS, f'-I{include}', str(SOURCE), str(lib), f'-Wl,-rpath,{lib.parent}'], out
+  )
 
 
 @functools.cache
