@@ -33,6 +33,9 @@ from pathlib import Path
 
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce',)
 
+# The same flag for one program, as a per-compilation override, with YNN's elementwise fusion left out.
+NO_ELEMENTWISE_YNN = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -53,6 +56,29 @@ def configure() -> None:
     if name not in flags:
       flags = f'{flags} {flag}'.strip()
   os.environ['XLA_FLAGS'] = flags
+
+
+def compiler_options(*, fuse_elementwise: bool) -> dict[str, str] | None:
+  """XLA options for one jitted program (`jax.jit(..., compiler_options=...)`); None keeps the process's flags.
+
+  YNN's elementwise fusion (in `CPU_FLAGS`) pays in the ResNet-18 step, whose
+  elementwise work is a few large ReLU / residual maps around oneDNN's kernels, but
+  costs in steps made of many small elementwise ops (GroupNorm, SiLU, LeakyReLU,
+  embeddings), where XLA's own loop fusions do better: measured (BUILD_NOTES.md,
+  issue 8) the UNet and DCGAN training steps ran about 5% faster without it, the
+  ResNet-18 step no faster. So steps of the second kind ask for it off here. Only
+  on the CPU backend, and not under `CXRJAX_KEEP_XLA_FLAGS=1` (the user's flags rule).
+
+  Args:
+    fuse_elementwise: False for a program that should run without YNN's elementwise fusion.
+  """
+  if fuse_elementwise or os.environ.get('CXRJAX_KEEP_XLA_FLAGS'):
+    return None
+  import jax  # noqa: PLC0415 - this module runs before JAX is imported
+
+  if jax.default_backend() != 'cpu':
+    return None
+  return dict(NO_ELEMENTWISE_YNN)
 
 
 def _compilation_cache() -> None:

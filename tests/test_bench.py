@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
+from cxrjax import _xla_env
 from cxrjax.models import dcgan, efficientnet_v2, resnet, unet
 
 torch = pytest.importorskip('torch')
@@ -157,6 +158,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
+  assert row['jax_compiler_options'] is None  # the classifier step keeps the process's XLA flags
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
   assert row['warmup_rounds'] == 1  # an untimed round first, then the 2 timed repetitions
@@ -199,6 +201,16 @@ def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
   assert row['jax_mesh_devices'] == 2 and row['jax_batch_split'] is True and row['jax_images_per_s'] > 0
   assert row['jax_convolution'].startswith('xla (oneDNN not used: 2 devices')  # not partitioned: XLA's
   assert 'xla_force_host_platform_device_count=2' in out.with_suffix('.md').read_text()
+
+
+def test_generator_steps_are_timed_with_their_trainers_compiler_options(monkeypatch):
+  monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
+  for name in ('dcgan', 'unet'):
+    cases = harness.cases_for(name, quick=True)
+    assert [c.kind for c in cases] == ['train', 'sample']
+    assert cases[0].compiler_options == _xla_env.NO_ELEMENTWISE_YNN  # as gan.py / ldm.py compile their steps
+    assert cases[1].compiler_options is None
+  assert harness.cases_for('resnet18_28', quick=True)[0].compiler_options is None
 
 
 def test_conv_profile_layers_are_resnet18s_convolutions():

@@ -6,6 +6,9 @@ import platform
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 # Run in a fresh interpreter (malloc must be configured before JAX's CPU client starts):
@@ -77,3 +80,37 @@ def test_xla_flags_and_malloc_setting_are_set_on_import_and_recorded():
   assert r['malloc'] == r['setting']
   if platform.libc_ver()[0] == 'glibc':
     assert r['setting'].startswith('glibc')
+
+
+def _groupnorm_silu_grads():
+  """A GroupNorm + SiLU + Dense loss and its gradients (the kind of step `fuse_elementwise=False` is for)."""
+  from cxrjax.models.norm import GroupNorm  # noqa: PLC0415
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.silu(GroupNorm(num_groups=4, impl='onednn')(x))
+      return nn.Dense(8)(h * jax.nn.sigmoid(h) + 1.0).mean()
+
+  x = jax.random.normal(jax.random.key(0), (16, 14, 14, 32))
+  params = Net().init(jax.random.key(1), x)
+  return jax.jit(jax.value_and_grad(lambda p, x: Net().apply(p, x))).lower(params, x), (params, x)
+
+
+def test_compiler_options_turn_off_ynn_elementwise_fusion_without_changing_results(monkeypatch):
+  monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
+  from cxrjax import _xla_env  # noqa: PLC0415
+
+  assert _xla_env.compiler_options(fuse_elementwise=True) is None
+  options = _xla_env.compiler_options(fuse_elementwise=False)
+  assert options == _xla_env.NO_ELEMENTWISE_YNN
+  lowered, args = _groupnorm_silu_grads()
+  default, without = lowered.compile(), lowered.compile(compiler_options=options)
+  # The process's flags fuse the elementwise ops into YNN fusions; the override leaves them to XLA's own fusions.
+  assert default.as_text().count('__ynn_fusion') > without.as_text().count('__ynn_fusion')
+  (loss_a, grads_a), (loss_b, grads_b) = default(*args), without(*args)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
+  monkeypatch.setenv('CXRJAX_KEEP_XLA_FLAGS', '1')
+  assert _xla_env.compiler_options(fuse_elementwise=False) is None  # the user's XLA_FLAGS rule

@@ -75,7 +75,9 @@ Results: `--out PATH` writes PATH, a JSON list of rows, and the same table as Ma
 jax_images_per_s, torch_images_per_s (fastest eager setting), ratio (JAX / PyTorch), compile_s, peak_mem_mb (JAX),
 jax_mesh_devices and jax_batch_split (devices of the JAX step's batch sharding as compiled, and whether the
 batch is split over them; None for sampling and failed steps), jax_convolution (what the JAX convolutions ran
-on: oneDNN or XLA, from `cxrjax.ops.onednn.resolve` and `--convolution`), torch_setting, torch_threads,
+on: oneDNN or XLA, from `cxrjax.ops.onednn.resolve` and `--convolution`), jax_compiler_options (the XLA
+options the JAX step was compiled with on top of the process's flags, as the trainer compiles it:
+`cxrjax._xla_env.compiler_options`; None for none), torch_setting, torch_threads,
 torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format),
 torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),
@@ -280,7 +282,7 @@ def _warm_up(runner: Runner, meter: RssMeter, steps: int = 2) -> Runner:
   return runner
 
 
-def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
+def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax', compiler_options: dict | None = None) -> Runner:
   """A jitted `step_fn(state, batch, rng) -> (state, metrics)` with the state donated, as the trainers jit it.
 
   As in the trainers, the step runs on a data-parallel mesh of every local device: state
@@ -293,6 +295,7 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
     init_fn: `() -> state` (jitted and compiled before memory is measured).
     batch: a dict of host or device arrays (first axis divisible by the device count).
     name: the runner's name.
+    compiler_options: XLA options for the step's compilation, as the trainer passes them.
 
   Returns:
     A warmed-up `Runner`.
@@ -310,7 +313,7 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax') -> Runner:
   step_c = (
     jax.jit(step_fn, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
     .lower(abstract, batch, rng)
-    .compile()
+    .compile(compiler_options=compiler_options)
   )
   compile_s = time.perf_counter() - t
   meter = RssMeter().start()
@@ -565,6 +568,7 @@ class Case:
   compile_torch: bool = True
   notes: str = ''
   convolution: str = 'xla'  # what the JAX variant's convolutions run on (`onednn.resolve`)
+  compiler_options: dict | None = None  # the JAX step's per-program XLA options, as its trainer sets them
 
 
 def _count(tree) -> int:
@@ -669,11 +673,13 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
 
   abstract = jax.eval_shape(init_state)
   params_g, params_d = _count(abstract.g_params), _count(abstract.d_params)
+  step_options = _xla_env.compiler_options(fuse_elementwise=False)  # as `gan._train_one` compiles the step
   images = _random_images(batch, size, 1, seed=1)
 
   def make_jax():
     jbatch = dict(image=images, label=np.zeros(batch, np.int32))
-    return jax_step_runner(gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2), init_state, jbatch)
+    return jax_step_runner(gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2), init_state, jbatch,
+                           compiler_options=step_options)  # fmt: skip
 
   def torch_nets():
     from cxrjax.bench import torch_models as tm  # noqa: PLC0415 - imports torch
@@ -719,7 +725,7 @@ def dcgan_cases(s: dict, convolution: str = 'auto') -> list[Case]:
                lambda: _count_torch(*torch_nets()),
                notes=f'64-px DCGAN G+D step (ngf=ndf={g.g_width}, upsample {g.upsample!r}, D norm {g.d_norm!r}),'
                f' G {params_g:,} + D {params_d:,} params, Adam 2e-4 b1 0.5, non-saturating loss, EMA of G',
-               convolution=conv_note)  # fmt: skip
+               convolution=conv_note, compiler_options=step_options)  # fmt: skip
 
   sb = s['sample_batch']
   z = np.random.default_rng(2).standard_normal((sb, latent)).astype(np.float32)
@@ -777,6 +783,7 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
     return ldm.DiffusionState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
 
   params_jax = _count(jax.eval_shape(init_params))
+  step_options = _xla_env.compiler_options(fuse_elementwise=False)  # as `ldm.train` compiles the diffusion step
   rng = np.random.default_rng(3)
   latents = rng.standard_normal((batch, hw, hw, ch)).astype(np.float32)
   labels = (np.arange(batch) % num_classes).astype(np.int32)
@@ -786,7 +793,7 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
     # identity encoder and scale 1, this 'image' arrives as the unit-variance latents above.
     jbatch = dict(image=(latents + 1.0) * 127.5, label=labels)
     step = ldm.make_diffusion_step(unet, lambda x, rng: x, tx, schedule, cfg, 1.0, num_classes)
-    return jax_step_runner(step, init_state, jbatch)
+    return jax_step_runner(step, init_state, jbatch, compiler_options=step_options)
 
   def torch_unet():
     from cxrjax.bench import torch_models as tm  # noqa: PLC0415 - imports torch
@@ -829,7 +836,7 @@ def unet_cases(s: dict, convolution: str = 'auto') -> list[Case]:
                notes=f'latent UNet denoiser step, base {u.base_channels}, mults {tuple(u.channel_mults)},'
                f' {u.num_res_blocks} res blocks, attention at {tuple(u.attention_levels)}, {u.num_heads} heads,'
                f' random {hw}x{hw}x{ch} latents (no autoencoder), Adam {u.lr:g}, label dropout'
-               f' {lc.label_dropout}, EMA', convolution=conv_note)  # fmt: skip
+               f' {lc.label_dropout}, EMA', convolution=conv_note, compiler_options=step_options)  # fmt: skip
 
   sb, steps = s['sample_batch'], lc.sample_steps
   sample_labels = (np.arange(sb) % num_classes).astype(np.int32)
@@ -1052,6 +1059,7 @@ def measure(
     jax_mesh_devices=jx.mesh_devices,
     jax_batch_split=jx.batch_split,
     jax_convolution=case.convolution,
+    jax_compiler_options=case.compiler_options,
     torch_setting=best.name if best else None,
     torch_threads=best.setting.threads if best else None,
     torch_contiguous_images_per_s=_round(per_format['contiguous']),

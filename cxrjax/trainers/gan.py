@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrjax import config_lib, progress, seeding
+from cxrjax import _xla_env, config_lib, progress, seeding
 from cxrjax.data import pipeline
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
@@ -271,6 +271,7 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[watch],
     batch_size=g.batch_size,
+    compiler_options=_xla_env.compiler_options(fuse_elementwise=False),
   )
   return gen, result
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrjax import config_lib, diffusion, progress, seeding
+from cxrjax import _xla_env, config_lib, diffusion, progress, seeding
 from cxrjax.data import pipeline
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
@@ -241,6 +241,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[save_samples],
     batch_size=u.batch_size,
+    compiler_options=_xla_env.compiler_options(fuse_elementwise=False),
   )
   samples_png = os.path.join('generator', 'diffusion', 'samples', f'step_{u.steps:06d}.png')
   handle = dict(unet_ema=result.state.ema, ae_params=ae_params, scale=scale, ae_model=ae_model, unet=unet)

@@ -55,6 +55,7 @@ def run(
   writer=None,
   callbacks: list[Callable[[int, Any, dict], None]] | None = None,
   batch_size: int = 0,
+  compiler_options: dict[str, str] | None = None,
 ) -> LoopResult:
   """Trains `total_steps` steps of `step_fn(state, batch, rng) -> (state, metrics)`.
 
@@ -75,6 +76,7 @@ def run(
     callbacks: fn(step, state, metrics) after each report (samples, collapse checks);
       they may raise TrainingDiverged.
     batch_size: global batch size, for images/s.
+    compiler_options: XLA options for the step's compilation (`_xla_env.compiler_options`).
 
   Returns:
     A LoopResult with the final state.
@@ -105,7 +107,11 @@ def run(
       start = 0
 
     step_jit = jax.jit(
-      step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(0,)
+      step_fn,
+      in_shardings=(state_sh, batch_sh, repl),
+      out_shardings=(state_sh, repl),
+      donate_argnums=(0,),
+      compiler_options=compiler_options,
     )
     prog = progress.Progress(name, total_steps, start)
     wall0, t0 = float(meta.get('wall_time', 0.0)), time.time()
