@@ -8,6 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from cxrjax import _xla_env
+
 from conftest import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -27,6 +29,8 @@ def assert_outputs(workdir):
         assert key in m[split][thr], (split, thr, key)
   assert m['run']['versions']['jax']
   assert m['run']['malloc'].startswith(('glibc', 'unchanged'))  # what cxrjax._xla_env did to malloc
+  # The generator steps' per-program XLA options (CPU: YNN's elementwise fusion off), recorded with the flags.
+  assert m['run']['generator_step_xla_options'] == _xla_env.compiler_options(fuse_elementwise=False)
   assert m['run']['seed'] == 0
   assert m['train']['wall_time_s'] > 0
   return m

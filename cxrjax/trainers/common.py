@@ -162,6 +162,8 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     process_count=jax.process_count(),
     platform=jax.default_backend(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
+    # On top of xla_flags, for the DCGAN and diffusion-UNet training steps only (gan.py, ldm.py).
+    generator_step_xla_options=_xla_env.compiler_options(fuse_elementwise=False),
     malloc=_xla_env.malloc_setting,
     convolution=onednn.resolve(config.convolution)[1],
     command=command_line(),
