@@ -33,8 +33,12 @@ from pathlib import Path
 
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce',)
 
-# The same flag for one program, as a per-compilation override, with YNN's elementwise fusion left out.
-NO_ELEMENTWISE_YNN = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+# The same flag for one program, as a per-compilation override (which takes the enum's names), with YNN's
+# elementwise fusion left out: derived from CPU_FLAGS, so the two cannot drift apart.
+_YNN_FLAG, _YNN_TYPES = CPU_FLAGS[0].removeprefix('--').split('=')
+NO_ELEMENTWISE_YNN = {
+  _YNN_FLAG: ','.join(f'LIBRARY_FUSION_TYPE_{t.upper()}' for t in _YNN_TYPES.split(',') if t != 'eltwise')
+}
 
 
 # glibc's mallopt parameters (malloc.h).
