@@ -213,6 +213,22 @@ def test_generator_steps_are_timed_with_their_trainers_compiler_options(monkeypa
   assert harness.cases_for('resnet18_28', quick=True)[0].compiler_options is None
 
 
+@pytest.mark.parametrize('stride,k', [(1, 3), (2, 3), (2, 1)])
+def test_conv_profile_times_autograds_gradients(stride, k):
+  # The per-layer profile times one gradient at a time through aten::convolution_backward; it
+  # must be the gradient autograd computes for the layer PyTorch's ResNet-18 runs.
+  from cxrjax.bench import conv_profile  # noqa: PLC0415
+
+  g = torch.Generator().manual_seed(0)
+  conv = torch.nn.Conv2d(8, 16, k, stride, padding=k // 2, bias=False)
+  x = torch.randn(2, 8, 9, 9, generator=g, requires_grad=True)
+  dy = torch.randn(conv(x).shape, generator=g)
+  gx, gw = torch.autograd.grad(conv(x), (x, conv.weight), dy)
+  w = conv.weight.detach()
+  torch.testing.assert_close(conv_profile.torch_conv_backward(torch, dy, x.detach(), w, stride, 'input'), gx)
+  torch.testing.assert_close(conv_profile.torch_conv_backward(torch, dy, x.detach(), w, stride, 'weight'), gw)
+
+
 def test_conv_profile_layers_are_resnet18s_convolutions():
   from cxrjax.bench import conv_profile  # noqa: PLC0415
 
