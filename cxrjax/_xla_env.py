@@ -85,23 +85,52 @@ def compiler_options(*, fuse_elementwise: bool) -> dict[str, str] | None:
   return dict(NO_ELEMENTWISE_YNN)
 
 
+# LLVM optimization level 1 for parameter initialization programs (see `init_compiler_options`).
+INIT_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+def init_compiler_options() -> dict[str, int] | None:
+  """XLA options for the programs that initialize parameters and optimizer state; None keeps the process's flags.
+
+  An initialization program is mostly random-number generation, one threefry hash and
+  a float transform per parameter, which XLA CPU compiles into hundreds of loop
+  fusions: 8-34 s per model at XLA's default optimization level, paid once per model
+  configuration (and again on every cold compilation cache: a fresh machine, the test
+  suite in CI). At LLVM optimization level 1 the same programs compile 1.4-2.8x faster,
+  give bit-identical parameters (measured for every model cxrjax trains, BUILD_NOTES.md;
+  `tests/test_xla_env.py` checks it) and run once, so their speed does not matter. Only
+  on the CPU backend, and not under `CXRJAX_KEEP_XLA_FLAGS=1`.
+  """
+  if os.environ.get('CXRJAX_KEEP_XLA_FLAGS'):
+    return None
+  import jax  # noqa: PLC0415 - this module runs before JAX is imported
+
+  if jax.default_backend() != 'cpu':
+    return None
+  return dict(INIT_OPTIONS)
+
+
 def _compilation_cache() -> None:
   """JAX's on-disk compilation cache, unless the user chose otherwise.
 
   Measured: a smoke classifier run takes 21 s with a cold cache and 7.5 s with a
   warm one; sweeps and the test suite compile the same programs many times. A
-  cached executable is the same compiled program, so results do not change.
+  cached executable is the same compiled program, so results do not change. Every
+  program is cached, however fast it compiled: JAX's default skips those under 1 s,
+  but each process then recompiles dozens of small ones (eager random draws, key
+  derivations, casts); reading them back is faster (warm smoke run 9.6 s against 10.1 s
+  with a 0.5 s threshold, BUILD_NOTES.md).
   `CXRJAX_NO_COMPILATION_CACHE=1` turns it off (the benchmark does, to time compiles).
   """
   if os.environ.get('CXRJAX_NO_COMPILATION_CACHE') or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     return
   cache = os.path.join(os.path.expanduser('~'), '.cache', 'cxrjax', 'jax-compilation-cache')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   if 'jax' in sys.modules:  # imported before cxrjax: the environment was already read
     jax = sys.modules['jax']
     jax.config.update('jax_compilation_cache_dir', cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 def configure_malloc() -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import cxrjax  # noqa: F401
-from cxrjax import config_lib
+from cxrjax import _xla_env, config_lib
 from cxrjax import mesh as mesh_lib
 from cxrjax.models import resnet
 from cxrjax.trainers import classifier, gan
@@ -28,7 +28,7 @@ def run(mesh_shape, images, labels, steps, fsdp_min_size, devices):
   init = lambda rng: classifier.create_state(model, tx, images.shape[1:], rng)  # noqa: E731
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  state = jax.jit(init, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())(jax.random.key(0))
   step_fn = jax.jit(
     classifier.make_train_step(model, tx, cfg),
     in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
@@ -72,7 +72,7 @@ def run_gan(mesh_shape, images, labels, steps, fsdp_min_size, devices):
 
   abstract = jax.eval_shape(init)
   state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
-  state = jax.jit(init, out_shardings=state_sh)()
+  state = jax.jit(init, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())()
   step_fn = jax.jit(
     gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2),
     in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),

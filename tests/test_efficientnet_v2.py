@@ -11,6 +11,8 @@ import pytest
 
 from cxrjax.models import efficientnet_v2 as effnet
 
+from conftest import init_variables
+
 
 def count(tree):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -123,7 +125,7 @@ def test_adam_steps_lower_the_loss(tiny):
 def test_depthwise_conv_equals_grouped_convolution(k, s, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
   m = effnet.DepthwiseConv(k, s)
-  v = m.init(jax.random.key(1), x)
+  v = init_variables(m, jax.random.key(1), x)
   ref = nn.Conv(8, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, feature_group_count=8, use_bias=False)
   f = lambda x, w: m.apply({'params': {'kernel': w}}, x).sum() ** 2  # noqa: E731
   g = lambda x, w: ref.apply({'params': {'kernel': w}}, x).sum() ** 2  # noqa: E731

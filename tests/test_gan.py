@@ -10,7 +10,7 @@ from scipy import stats
 from cxrjax import config_lib
 from cxrjax.trainers import gan
 
-from conftest import run_cli
+from conftest import init_variables, run_cli
 
 
 @pytest.mark.parametrize('alpha,k', [(0.25, 2), (0.5, 2), (0.75, 2), (0.4, 3)])
@@ -51,8 +51,8 @@ def test_gan_step_lowers_d_loss_on_fixed_batch_with_frozen_g(npz_path, condition
   d_tx = optax.adam(2e-4, b1=0.5)
   k = 2 if conditional else 0
   y = jnp.zeros((2,), jnp.int32) if k else None
-  gv = gen.init(jax.random.key(0), jnp.zeros((2, 100)), y, train=False)
-  dv = disc.init(jax.random.key(1), jnp.zeros((2, 28, 28, 1)), y, train=False)
+  gv = init_variables(gen, jax.random.key(0), jnp.zeros((2, 100)), y, train=False)
+  dv = init_variables(disc, jax.random.key(1), jnp.zeros((2, 28, 28, 1)), y, train=False)
   state = gan.GANState(
     step=jnp.zeros((), jnp.int32), g_params=gv['params'], g_stats=gv['batch_stats'], d_params=dv['params'],
     d_stats=dv.get('batch_stats', {}), g_opt=g_tx.init(gv['params']), d_opt=d_tx.init(dv['params']),

@@ -13,6 +13,8 @@ from scipy import ndimage as ndi
 from cxrjax.eval import gradcam
 from cxrjax.models import resnet
 
+from conftest import init_variables
+
 
 class QuadrantNet(nn.Module):
   """Features exist only in the top-left quadrant of the (stride-2) feature map."""
@@ -43,7 +45,7 @@ class SquareHead(nn.Module):
 def _quadrant_variables():
   model = QuadrantNet()
   x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = init_variables(model, jax.random.key(1), x, train=False)
   params = dict(variables['params'])
   kernel = jnp.abs(params['Dense_0']['kernel']) + 0.1
   # Class 1 gains from every feature, class 0 loses: class 1 is predicted and
@@ -74,7 +76,7 @@ def test_perturbation_gradient_matches_explicit_resnet_gradient():
   # Global average pooling then a dense head: dlogit_c/dA_ijk = W_kc / (h w) exactly.
   model = resnet.ResNet(num_classes=2, width=4, stage_sizes=(1, 1))
   x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = init_variables(model, jax.random.key(1), x, train=False)
   grad_fn = jax.jit(functools.partial(gradcam.feature_gradients, model))
   acts, grads, logits, targets = grad_fn(variables, x, jnp.array([1, 0]))
   h, w = acts.shape[1:3]
@@ -101,7 +103,7 @@ def test_perturbation_gradient_matches_explicit_resnet_gradient():
 def test_perturbation_gradient_matches_finite_differences():
   model = SquareHead()
   x = jax.random.normal(jax.random.key(2), (2, 6, 6, 1))
-  variables = model.init(jax.random.key(3), x, train=False)
+  variables = init_variables(model, jax.random.key(3), x, train=False)
   variables = {'params': variables['params']}
   _, grads, _, _ = gradcam.feature_gradients(model, variables, x, 1)
   zeros = gradcam.zero_perturbations(model, x)

@@ -7,6 +7,8 @@ import numpy as np
 
 from cxrjax.models import resnet
 
+from conftest import init_variables
+
 
 def count(tree):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -31,7 +33,7 @@ def test_cifar_stem_keeps_resolution_and_width_scales():
 def test_forward_shapes_and_cam_features():
   model = resnet.resnet18(3, width=8, stem='cifar')
   x = jnp.ones((2, 32, 32, 1))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = init_variables(model, jax.random.key(0), x, train=False)
   logits, inter = model.apply(variables, x, train=False, mutable=['intermediates'])
   assert logits.shape == (2, 3)
   (fmap,) = inter['intermediates']['cam_features']
@@ -47,9 +49,9 @@ def test_strided_conv_keeps_nn_conv_parameter_tree(monkeypatch):
     return nn.Conv(features, (k, k), 2, padding=pad, use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name)
 
   x = jnp.zeros((1, 28, 28, 1))
-  ours = resnet.resnet18(2, width=8).init(jax.random.key(0), x)
+  ours = init_variables(resnet.resnet18(2, width=8), jax.random.key(0), x)
   monkeypatch.setattr(resnet, 'StridedConv', plain_conv)
-  plain = resnet.resnet18(2, width=8).init(jax.random.key(0), x)
+  plain = init_variables(resnet.resnet18(2, width=8), jax.random.key(0), x)
   assert jax.tree.structure(ours) == jax.tree.structure(plain)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
     np.testing.assert_array_equal(a, b)

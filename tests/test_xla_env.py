@@ -8,8 +8,12 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+from cxrjax.models import dcgan
 
 # Run in a fresh interpreter (malloc must be configured before JAX's CPU client starts):
 # a jitted function with a 256 MB scratch buffer, which XLA's runtime allocates and frees
@@ -114,3 +118,38 @@ def test_compiler_options_turn_off_ynn_elementwise_fusion_without_changing_resul
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
   monkeypatch.setenv('CXRJAX_KEEP_XLA_FLAGS', '1')
   assert _xla_env.compiler_options(fuse_elementwise=False) is None  # the user's XLA_FLAGS rule
+
+
+class _EveryInitializer(nn.Module):
+  """One parameter per kind of initializer cxrjax's models use: normal, truncated normal, uniform, constants."""
+
+  @nn.compact
+  def __call__(self, x, labels):
+    x = nn.Conv(8, (3, 3), kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))(x)  # ResNet
+    x = nn.Conv(8, (3, 3))(x)  # flax's default: lecun_normal, a truncated normal
+    x = nn.BatchNorm(use_running_average=True, scale_init=dcgan._bn_scale_init)(x)  # DCGAN: N(1, 0.02)
+    x = nn.GroupNorm(num_groups=4)(x)
+    x = x.mean((1, 2)) + nn.Embed(3, 8)(labels)
+    return nn.Dense(2, kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)  # ResNet, UNet
+
+
+def test_init_programs_compile_at_level_1_to_the_same_bits(monkeypatch):
+  monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
+  from cxrjax import _xla_env  # noqa: PLC0415
+
+  options = _xla_env.init_compiler_options()
+  assert options == {'xla_backend_optimization_level': 1}
+  model, tx = _EveryInitializer(), optax.adam(1e-3)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32))
+    return params, tx.init(params['params'])
+
+  lowered = jax.jit(init).lower(jax.random.key(3))
+  default, level_1 = lowered.compile(), lowered.compile(compiler_options=options)
+  a, b = default(jax.random.key(3)), level_1(jax.random.key(3))
+  assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(b)) > 10
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)  # bit for bit: the trainers' parameters do not depend on the option
+  monkeypatch.setenv('CXRJAX_KEEP_XLA_FLAGS', '1')
+  assert _xla_env.init_compiler_options() is None  # the user's XLA_FLAGS rule

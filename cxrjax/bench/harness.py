@@ -307,7 +307,7 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax', compiler_options
   rep, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   batch = jax.device_put(batch, split)
   rng = jax.device_put(jax.random.key(1), rep)
-  init_c = jax.jit(init_fn, out_shardings=rep).lower().compile()
+  init_c = jax.jit(init_fn, out_shardings=rep, compiler_options=_xla_env.init_compiler_options()).lower().compile()
   abstract = jax.eval_shape(init_fn)
   t = time.perf_counter()
   step_c = (
@@ -334,7 +334,7 @@ def jax_step_runner(step_fn, init_fn, batch, name: str = 'jax', compiler_options
 
 def jax_call_runner(fn, init_fn, args: tuple, name: str = 'jax') -> Runner:
   """A jitted `fn(variables, *args)` (sampling), variables from `init_fn()`, nothing donated."""
-  init_c = jax.jit(init_fn).lower().compile()
+  init_c = jax.jit(init_fn, compiler_options=_xla_env.init_compiler_options()).lower().compile()
   abstract = jax.eval_shape(init_fn)
   t = time.perf_counter()
   fn_c = jax.jit(fn).lower(abstract, *args).compile()

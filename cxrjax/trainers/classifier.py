@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cxrjax import checkpoint, config_lib, faults, fileio, losses, progress
+from cxrjax import _xla_env, checkpoint, config_lib, faults, fileio, losses, progress
 from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline
 from cxrjax.data.augment import AugmentParams
@@ -205,7 +205,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   state_sh = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   repl = mesh_lib.replicated(mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())(init_rng)
   variables_sh = {'params': state_sh.params, 'batch_stats': state_sh.batch_stats}
 
   train_step = jax.jit(

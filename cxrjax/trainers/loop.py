@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cxrjax import checkpoint, faults, fileio, progress
+from cxrjax import _xla_env, checkpoint, faults, fileio, progress
 from cxrjax import mesh as mesh_lib
 from cxrjax.errors import UserError
 
@@ -103,7 +103,7 @@ def run(
         return LoopResult(state, start, float(meta.get('wall_time', 0.0)), meta.get('history', []), start, True)
       progress.log(f'[{name}] resumed from {workdir}/ckpt at step {start}')
     else:
-      state = jax.jit(init_fn, out_shardings=state_sh)()
+      state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())()
       start = 0
 
     step_jit = jax.jit(
