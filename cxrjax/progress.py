@@ -45,15 +45,33 @@ class Progress:
     log(self.line(step, **metrics))
 
 
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without PyTorch.
+
+  tensorboardX imports PyTorch at import time, if it is installed, only to accept torch
+  tensors as values; cxrjax logs Python floats. With PyTorch installed (the `bench`
+  extra, or a researcher's environment) that import took 2 s of every run's start. A
+  `None` entry in `sys.modules` makes its `import torch` fail as if PyTorch were absent;
+  the entry is removed afterwards, so a later `import torch` works as usual.
+  """
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 - import only where used
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricWriter:
   """Scalars to TensorBoard event files (tensorboardX, no TensorFlow), process 0 only."""
 
   def __init__(self, logdir: str):
     self._writer = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 - import only where used
-
-      self._writer = SummaryWriter(logdir, flush_secs=30)
+      self._writer = _summary_writer_class()(logdir, flush_secs=30)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if self._writer is None:
