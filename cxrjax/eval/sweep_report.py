@@ -161,6 +161,9 @@ def gradcam_section(sweep, workdir: str, records: dict, agg: dict) -> dict[str, 
   out = dict(shown=[str(test.names[i]) for i in shown], focus_images=int(len(focus_idx)),
              lung_mask_fallback_share=float(np.mean(fallback)), methods={})  # fmt: skip
   del info
+  # One jitted CAM function per architecture and CAM method: the runs of a sweep share the classifier and differ
+  # in their weights, so tracing each run's again would only repeat work (20 traces of a 5-method, 2-seed sweep).
+  cam_fns = {}
   for m in methods:
     scores = {'gradcam': [], 'gradcam++': []}
     grids = {}
@@ -169,7 +172,10 @@ def gradcam_section(sweep, workdir: str, records: dict, agg: dict) -> dict[str, 
         os.path.join(classifier_dir(sweep_lib.run_dir(workdir, m, s)), 'export')
       )
       for method in scores:
-        fn = gradcam.make_cam_fn(model, method)
+        key = (repr(model), method)  # a linen module's repr lists its whole configuration
+        if key not in cam_fns:
+          cam_fns[key] = gradcam.make_cam_fn(model, method)
+        fn = cam_fns[key]
         x = jnp.asarray(test.images[focus_idx].astype(np.float32) / 127.5 - 1.0)
         cams = np.asarray(fn(variables, x, 1))  # evidence for pneumonia
         scores[method].append(float(np.nanmean(gradcam.focus_score(cams, masks_focus))))
