@@ -209,6 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.quality.reference_dir = ''  # reference feature network; default: beside the workdir, shared
   c.quality.reference_width = 16
   c.quality.reference_epochs = 8
+  c.quality.reference_limit_train = 0  # > 0: train the reference on this many rows (0: the whole real training split)
   c.quality.num_pairs = 8  # closest generated/train pairs shown
   c.quality.inception_weights = ''  # a pytorch-fid pt_inception-2015-12-05 .pth: FID on Inception pool3 too
 
@@ -245,6 +246,7 @@ def with_profile(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
     config.log_every_steps = 5
     config.quality.reference_width = 4
     config.quality.reference_epochs = 1
+    config.quality.reference_limit_train = 1024
   _generator_profile(config, profile)
   return config
 
@@ -448,6 +450,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(config.batch_size >= 1, 'batch_size', config.batch_size, '>= 1')
   _require(config.eval_batch_size >= 1, 'eval_batch_size', config.eval_batch_size, '>= 1')
   _require(config.num_epochs >= 1, 'num_epochs', config.num_epochs, '>= 1')
+  q = config.quality
+  _require(q.reference_limit_train >= 0, 'quality.reference_limit_train', q.reference_limit_train, '>= 0')
   _require(config.log_every_steps >= 1, 'log_every_steps', config.log_every_steps, '>= 1')
   _require(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps', config.checkpoint_every_steps, '>= 0')
   _require(config.mesh.data == -1 or config.mesh.data >= 1, 'mesh.data', config.mesh.data, '-1 or >= 1')

@@ -52,6 +52,7 @@ def test_unknown_profile_is_named():
     ('model.name', 'vgg', 'model.name'),
     ('batch_size', 0, 'batch_size'),
     ('data.source', 'web', 'data.source'),
+    ('quality.reference_limit_train', -1, 'quality.reference_limit_train'),
   ],
 )
 def test_bad_values_are_named(key, value, fragment):
@@ -88,3 +89,13 @@ def test_differences_from_full_list_every_profile_change():
   assert diffs['model.width'] == (64, 16) and diffs['gan.g_width'] == (64, 32) and 'profile' not in diffs
   cpu.num_epochs = 3  # an override is a difference too
   assert ('num_epochs', 15, 3) in config_lib.differences_from_full(cpu)
+
+
+def test_reference_network_trains_on_the_whole_split_except_in_smoke_runs():
+  from cxrjax.eval import features  # noqa: PLC0415
+
+  for profile, rows in (('full', 0), ('cpu', 0), ('smoke', 1024)):
+    config = config_lib.finalize(config_lib.with_profile(config_lib.base_config(), profile))
+    ref = features.reference_config(config)
+    assert ref.data.limit_train == rows, profile  # 0: the whole real training split
+    assert ref.data.limit_eval == 0 and ref.imbalance.ratio == 0.0

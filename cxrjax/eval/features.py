@@ -62,10 +62,10 @@ def extract(model, variables, images: np.ndarray, batch_size: int = 256) -> np.n
 
 
 def reference_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The reference classifier's config: same data, full real training split, fixed seed."""
+  """The reference classifier's config: same data, the real training split (capped by quality.reference_limit_train), fixed seed."""
   ref = config_lib.base_config()
   ref.data = copy.deepcopy(config.data)
-  ref.data.limit_train = 0
+  ref.data.limit_train = config.quality.reference_limit_train
   ref.data.limit_eval = 0
   ref.imbalance.ratio = 0.0  # the real training split as published
   ref.seed = 0  # fixed: one reference for every experiment seed
