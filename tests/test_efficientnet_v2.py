@@ -11,7 +11,7 @@ import pytest
 
 from cxrjax.models import efficientnet_v2 as effnet
 
-from conftest import init_variables
+from conftest import init_variables, normal
 
 
 def count(tree):
@@ -50,7 +50,7 @@ def tiny():
   """Variables of the tiny model and jitted eval/train forwards, compiled once for the module."""
   # Head dropout off, so any rng dependence in training comes from dropped residual branches.
   model = effnet.efficientnet_v2(3, **TINY, drop_path_rate=0.5, dropout_rate=0.0)
-  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 1))
+  x = normal(1, (4, 32, 32, 1))
   # Compiling threefry for every parameter's initialiser dominates this module's time on
   # CPU; the RngBitGenerator-based key compiles in about half the time.
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl='unsafe_rbg'), x)
@@ -123,7 +123,7 @@ def test_adam_steps_lower_the_loss(tiny):
 
 @pytest.mark.parametrize('k,s,size', [(3, 1, 28), (3, 2, 28), (3, 2, 7), (5, 2, 32)])
 def test_depthwise_conv_equals_grouped_convolution(k, s, size):
-  x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+  x = normal(0, (2, size, size, 8))
   m = effnet.DepthwiseConv(k, s)
   v = init_variables(m, jax.random.key(1), x)
   ref = nn.Conv(8, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, feature_group_count=8, use_bias=False)

@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from cxrjax.eval import gradcam
 from cxrjax.models import resnet
 
-from conftest import init_variables
+from conftest import init_variables, normal
 
 
 class QuadrantNet(nn.Module):
@@ -75,7 +75,7 @@ def test_cam_finds_the_informative_quadrant(method):
 def test_perturbation_gradient_matches_explicit_resnet_gradient():
   # Global average pooling then a dense head: dlogit_c/dA_ijk = W_kc / (h w) exactly.
   model = resnet.ResNet(num_classes=2, width=4, stage_sizes=(1, 1))
-  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  x = normal(0, (2, 28, 28, 1))
   variables = init_variables(model, jax.random.key(1), x, train=False)
   grad_fn = jax.jit(functools.partial(gradcam.feature_gradients, model))
   acts, grads, logits, targets = grad_fn(variables, x, jnp.array([1, 0]))
@@ -102,7 +102,7 @@ def test_perturbation_gradient_matches_explicit_resnet_gradient():
 
 def test_perturbation_gradient_matches_finite_differences():
   model = SquareHead()
-  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 1))
+  x = normal(2, (2, 6, 6, 1))
   variables = init_variables(model, jax.random.key(3), x, train=False)
   variables = {'params': variables['params']}
   _, grads, _, _ = gradcam.feature_gradients(model, variables, x, 1)

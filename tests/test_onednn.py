@@ -22,7 +22,7 @@ from cxrjax.errors import UserError
 from cxrjax.models import resnet
 from cxrjax.ops import onednn
 
-from conftest import init_variables
+from conftest import init_variables, normal
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 RTOL = 2e-5
@@ -68,8 +68,8 @@ def test_auto_uses_onednn_on_one_cpu_device():
 @pytest.mark.parametrize('geometry', GEOMETRIES, ids=lambda g: f'k{g[4]}s{g[5]}p{g[6]}')
 def test_every_pass_matches_xla(geometry):
   n, hw, c, o, k, s, p = geometry
-  x = jax.random.normal(jax.random.key(0), (n, *hw, c))
-  w = jax.random.normal(jax.random.key(1), (k, k, c, o))
+  x = normal(0, (n, *hw, c))
+  w = normal(1, (k, k, c, o))
   onednn.load()
 
   def loss(conv):
@@ -91,8 +91,8 @@ def test_every_pass_matches_xla(geometry):
 
 def test_onednn_is_deterministic():
   # Resumed runs are compared bit for bit with uninterrupted ones.
-  x = jax.random.normal(jax.random.key(0), (8, 14, 14, 32))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  x = normal(0, (8, 14, 14, 32))
+  w = normal(1, (3, 3, 32, 32))
   f = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv(x, w, (1, 1), ((1, 1), (1, 1))) ** 2), (0, 1)))
   first, second = f(x, w), f(x, w)
   for a, b in zip(first, second):
@@ -100,8 +100,8 @@ def test_onednn_is_deterministic():
 
 
 def test_drop_in_falls_back_where_onednn_does_not_apply():
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+  x = normal(0, (2, 8, 8, 4))
+  w = normal(1, (3, 3, 4, 4))
   cases = [
     dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), rhs_dilation=(2, 2)),
     dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2)),
@@ -131,7 +131,7 @@ def test_drop_in_falls_back_where_onednn_does_not_apply():
 def test_resnet_on_onednn_matches_xla():
   # Same parameters (checkpoints interchangeable), same logits and gradients, and
   # every convolution of the training step is the custom call.
-  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+  x = normal(0, (4, 16, 16, 1))
   labels = jnp.array([0, 1, 0, 1])
   models = {impl: resnet.resnet18(2, width=8, conv_impl=impl) for impl in ('xla', 'onednn')}
   variables = init_variables(models['xla'], jax.random.key(1), x, train=False)
@@ -205,7 +205,7 @@ def test_dcgan_on_onednn_matches_xla():
   # convolution, the discriminator's strided ones its forward pass.
   from cxrjax.models.dcgan import Discriminator, Generator  # noqa: PLC0415
 
-  z = jax.random.normal(jax.random.key(0), (4, 16))
+  z = normal(0, (4, 16))
   gens = {
     i: Generator(image_size=28, latent_dim=16, base_width=8, num_classes=2, conv_impl=i) for i in ('xla', 'onednn')
   }
@@ -237,7 +237,7 @@ def test_dcgan_on_onednn_matches_xla():
 def test_unet_on_onednn_matches_xla():
   from cxrjax.models.unet import UNet  # noqa: PLC0415
 
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  x = normal(0, (2, 8, 8, 4))
   t, labels = jnp.array([3, 500]), jnp.array([0, 1])
   nets = {i: UNet(4, 2, base_channels=8, channel_mults=(1, 2), num_heads=2, conv_impl=i) for i in ('xla', 'onednn')}
   v = init_variables(nets['xla'], jax.random.key(1), x, t, labels)
@@ -320,7 +320,7 @@ def test_batch_norm_matches_reference_to_second_order(shape, relu):
 def test_batchnorm_module_keeps_flax_variables_and_updates():
   from cxrjax.models.norm import BatchNorm  # noqa: PLC0415
 
-  x = jax.random.normal(jax.random.key(0), (8, 5, 5, 16)) * 3 + 1
+  x = normal(0, (8, 5, 5, 16)) * 3 + 1
   flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
   variables = flax_bn.init(jax.random.key(1), x)
   want, want_stats = flax_bn.apply(variables, x, mutable=['batch_stats'])
@@ -355,11 +355,11 @@ def test_batchnorm_module_keeps_flax_variables_and_updates():
 def test_group_norm_fast_path_matches_flax_to_second_order(shape, groups):
   from cxrjax.models.norm import GroupNorm  # noqa: PLC0415
 
-  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  x = normal(0, shape) * 2 + 0.5
   flax_gn = nn.GroupNorm(num_groups=groups)
   variables = flax_gn.init(jax.random.key(1), x)
   c = shape[-1]
-  params = dict(scale=jax.random.normal(jax.random.key(2), (c,)), bias=jax.random.normal(jax.random.key(3), (c,)))
+  params = dict(scale=normal(2, (c,)), bias=normal(3, (c,)))
   fast = GroupNorm(num_groups=groups, impl='onednn')
   assert jax.tree.structure(jax.eval_shape(lambda: fast.init(jax.random.key(1), x))) == jax.tree.structure(variables)
 
@@ -396,7 +396,7 @@ def test_fused_adam_matches_optax():
   import optax  # noqa: PLC0415
 
   params = {
-    'kernel': jax.random.normal(jax.random.key(0), (3, 3, 64, 64)),  # above the kernel's threading threshold
+    'kernel': normal(0, (3, 3, 64, 64)),  # above the kernel's threading threshold
     'bias': jnp.ones((7,)),
     'half': jnp.ones((5,), jnp.bfloat16),  # not float32: optax's arithmetic in jnp
   }

@@ -15,6 +15,8 @@ import pytest
 
 from cxrjax.models import dcgan
 
+from conftest import normal
+
 # Run in a fresh interpreter (malloc must be configured before JAX's CPU client starts):
 # a jitted function with a 256 MB scratch buffer, which XLA's runtime allocates and frees
 # on every call; prints the minor page faults of calls 3 to 10.
@@ -96,7 +98,7 @@ def _groupnorm_silu_grads():
       h = nn.silu(GroupNorm(num_groups=4, impl='onednn')(x))
       return nn.Dense(8)(h * jax.nn.sigmoid(h) + 1.0).mean()
 
-  x = jax.random.normal(jax.random.key(0), (16, 14, 14, 32))
+  x = normal(0, (16, 14, 14, 32))
   params = Net().init(jax.random.key(1), x)
   return jax.jit(jax.value_and_grad(lambda p, x: Net().apply(p, x))).lower(params, x), (params, x)
 
