@@ -96,7 +96,7 @@ def init_compiler_options() -> dict[str, int] | None:
   a float transform per parameter, which XLA CPU compiles into hundreds of loop
   fusions: 8-34 s per model at XLA's default optimization level, paid once per model
   configuration (and again on every cold compilation cache: a fresh machine, the test
-  suite in CI). At LLVM optimization level 1 the same programs compile 1.4-2.8x faster,
+  suite in CI). At LLVM optimization level 1 the same programs compile 1.4-2.9x faster,
   give bit-identical parameters (measured for every model cxrjax trains, BUILD_NOTES.md;
   `tests/test_xla_env.py` checks it) and run once, so their speed does not matter. Only
   on the CPU backend, and not under `CXRJAX_KEEP_XLA_FLAGS=1`.

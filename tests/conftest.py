@@ -75,6 +75,6 @@ def init_variables(module, rng, *args, **static_kwargs):
   return jax.jit(init, compiler_options=_xla_env.init_compiler_options())(rng, *args)
 
 
-def normal(seed: int, shape, scale: float = 1.0) -> jax.Array:
+def normal(seed: int, shape) -> jax.Array:
   """Standard normal float32 test inputs from NumPy: an eager `jax.random.normal` compiles a program per shape."""
-  return jax.numpy.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * scale)
+  return jax.numpy.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
