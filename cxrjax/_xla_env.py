@@ -76,13 +76,7 @@ def compiler_options(*, fuse_elementwise: bool) -> dict[str, str] | None:
   Args:
     fuse_elementwise: False for a program that should run without YNN's elementwise fusion.
   """
-  if fuse_elementwise or os.environ.get('CXRJAX_KEEP_XLA_FLAGS'):
-    return None
-  import jax  # noqa: PLC0415 - this module runs before JAX is imported
-
-  if jax.default_backend() != 'cpu':
-    return None
-  return dict(NO_ELEMENTWISE_YNN)
+  return None if fuse_elementwise else _cpu_override(NO_ELEMENTWISE_YNN)
 
 
 # LLVM optimization level 1 for parameter initialization programs (see `init_compiler_options`).
@@ -101,13 +95,16 @@ def init_compiler_options() -> dict[str, int] | None:
   `tests/test_xla_env.py` checks it) and run once, so their speed does not matter. Only
   on the CPU backend, and not under `CXRJAX_KEEP_XLA_FLAGS=1`.
   """
+  return _cpu_override(INIT_OPTIONS)
+
+
+def _cpu_override(options: dict) -> dict | None:
+  """A copy of per-program `options` on the CPU backend; None elsewhere or under `CXRJAX_KEEP_XLA_FLAGS=1`."""
   if os.environ.get('CXRJAX_KEEP_XLA_FLAGS'):
-    return None
+    return None  # the user's XLA_FLAGS rule
   import jax  # noqa: PLC0415 - this module runs before JAX is imported
 
-  if jax.default_backend() != 'cpu':
-    return None
-  return dict(INIT_OPTIONS)
+  return dict(options) if jax.default_backend() == 'cpu' else None
 
 
 def _compilation_cache() -> None:
