@@ -582,7 +582,7 @@ def _random_images(batch: int, size: int, channels: int, seed: int = 0) -> np.nd
 def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
   """ResNet-18 or EfficientNetV2 training step (`classifier.make_train_step`)."""
   batch, size = s['batch'], s['image_size']
-  conv_impl, conv_note = onednn.resolve(convolution) if name.startswith('resnet18') else ('xla', 'xla')
+  conv_impl, conv_note = onednn.resolve(convolution)
   mc = config_lib.base_config().model
   if name.startswith('resnet18'):
     mc.name, mc.width, mc.stem = 'resnet18', s['width'], 'cifar'
@@ -1240,7 +1240,7 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
     f' {m["load_avg"][0]} at the start; python {m["python"]}, jax {m["jax"]}, jaxlib {m["jaxlib"]}, flax {m["flax"]},'
     f' optax {m["optax"]}, grain {m["grain"]}, torch {m["torch"]} (threads tried: {m["torch_threads"]});'
     f' XLA_FLAGS={m["xla_flags"]!r}; malloc: {m.get("malloc", "unrecorded")};'
-    f' convolutions (ResNet-18, DCGAN, UNet): {m.get("convolution", "xla")}.',
+    f' convolutions (ResNet-18, EfficientNetV2, DCGAN, UNet): {m.get("convolution", "xla")}.',
     f'Command: `{command}`',
   ]
   return '\n'.join(lines) + '\n'
@@ -1269,7 +1269,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--torch-threads', default=None,
                       help='PyTorch thread counts to try, comma-separated (default 2,1; 1 with --quick)')  # fmt: skip
   parser.add_argument('--convolution', default='auto', choices=onednn.CHOICES,
-                      help="JAX convolutions (ResNet-18, DCGAN, UNet rows): 'auto' (oneDNN on one CPU device when built), 'onednn', 'xla'")  # fmt: skip
+                      help="JAX convolutions (ResNet-18, EfficientNetV2, DCGAN, UNet rows): 'auto' (oneDNN on one CPU device when built), 'onednn', 'xla'")  # fmt: skip
   # Internal: one model in a worker process (see `_run_model`).
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--worker-result', default=None, help=argparse.SUPPRESS)

@@ -18,7 +18,6 @@ def _resnet18(model_config, num_classes: int, image_shape, conv_impl: str):
 
 def _efficientnet_v2(variant: str):
   def build(model_config, num_classes: int, image_shape, conv_impl: str):
-    del conv_impl  # XLA's convolutions (its depthwise ones are not oneDNN's case)
     stem = model_config.stem
     if stem == 'auto':
       stem = 'imagenet' if image_shape[0] > 64 else 'cifar'
@@ -30,6 +29,7 @@ def _efficientnet_v2(variant: str):
       stem_stride=2 if stem == 'imagenet' else 1,  # keep resolution for small images
       dtype=DTYPES[model_config.dtype],
       drop_path_rate=model_config.drop_path_rate,
+      conv_impl=conv_impl,
     )
 
   return build

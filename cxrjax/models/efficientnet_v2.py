@@ -39,6 +39,9 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cxrjax.models.norm import BatchNorm
+from cxrjax.ops import onednn
+
 # The reference's initialisers (effnetv2_model.py): untruncated normal convolutions
 # with stddev sqrt(2 / fan_out), fan_out = kh * kw * out_filters, and a dense kernel
 # U(-1/sqrt(num_classes), 1/sqrt(num_classes)).
@@ -183,6 +186,12 @@ def round_repeats(repeats: int, multiplier: float) -> int:
   return int(math.ceil(multiplier * repeats))
 
 
+def _norm(train: bool, dtype, conv_impl: str):
+  # cxrjax's BatchNorm: flax's variables and arithmetic, on oneDNN in training when conv_impl='onednn'.
+  return functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                           dtype=dtype, impl=conv_impl)  # fmt: skip
+
+
 class MBConv(nn.Module):
   """MBConv or FusedMBConv block with optional squeeze-excitation and stochastic depth.
 
@@ -196,6 +205,7 @@ class MBConv(nn.Module):
     fused: FusedMBConv instead of MBConv.
     drop_path_rate: probability of dropping the residual branch per sample in training.
     dtype: compute dtype.
+    conv_impl: 'xla' or 'onednn' for the dense convolutions and BatchNorms (see `EfficientNetV2`).
   """
 
   in_filters: int
@@ -207,13 +217,13 @@ class MBConv(nn.Module):
   fused: bool
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype
-    )
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl))  # fmt: skip
+    norm = _norm(train, self.dtype, self.conv_impl)
     k, s = (self.kernel, self.kernel), (self.stride, self.stride)
     pad = ((self.kernel // 2,) * 2,) * 2
     mid = self.in_filters * self.expand
@@ -281,6 +291,11 @@ class EfficientNetV2(nn.Module):
     dropout_rate: dropout before the classifier; None takes the variant's published
       rate (0.2 for B0, B1 and S, 0.3 for B2, B3 and M, 0.4 for L).
     dtype: compute dtype (parameters stay float32).
+    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn.resolve` picks it): the dense
+      convolutions (stem, expansions, projections, head) and the BatchNorms on oneDNN
+      on one CPU device. Same parameters either way. The depthwise convolutions
+      (jnp, see `DepthwiseConv`) and the squeeze-excitation's 1x1 convolutions on
+      1x1 maps stay XLA's.
   """
 
   num_classes: int
@@ -291,6 +306,7 @@ class EfficientNetV2(nn.Module):
   drop_path_rate: float = 0.2
   dropout_rate: float | None = None
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -299,14 +315,13 @@ class EfficientNetV2(nn.Module):
     stages, width_coefficient, depth_coefficient, variant_dropout = VARIANTS[self.variant]
     multiplier = width_coefficient * self.width
     dropout_rate = variant_dropout if self.dropout_rate is None else self.dropout_rate
-    norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype
-    )
+    norm = _norm(train, self.dtype, self.conv_impl)
+    conv_fn = onednn.conv_general_dilated_for(self.conv_impl)
 
     x = x.astype(self.dtype)
     s = (self.stem_stride, self.stem_stride)
     x = nn.Conv(round_filters(stages[0].in_filters, multiplier), (3, 3), s, padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)  # fmt: skip
+                kernel_init=conv_init, dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
     x = nn.silu(norm(name='stem_bn')(x))
 
     repeats = [round_repeats(stage.repeats, depth_coefficient * self.depth) for stage in stages]
@@ -323,12 +338,13 @@ class EfficientNetV2(nn.Module):
           fused=stage.fused,
           drop_path_rate=self.drop_path_rate * index / num_blocks,
           dtype=self.dtype,
+          conv_impl=self.conv_impl,
           name=f'stage{i + 1}_block{j + 1}',
         )(x, train)
         index += 1
 
     x = nn.Conv(round_filters(HEAD_FEATURES, multiplier), (1, 1), use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name='head_conv')(x)  # fmt: skip
+                dtype=self.dtype, conv_general_dilated=conv_fn, name='head_conv')(x)  # fmt: skip
     x = nn.silu(norm(name='head_bn')(x))
     # Grad-CAM reads the last feature map and its gradient from here.
     x = self.perturb('cam_features', x)
@@ -348,6 +364,7 @@ def efficientnet_v2(
   drop_path_rate: float = 0.2,
   dropout_rate: float | None = None,
   depth: float = 1.0,
+  conv_impl: str = 'xla',
 ) -> EfficientNetV2:
   """An EfficientNetV2 classifier; see `EfficientNetV2` for the arguments."""
   return EfficientNetV2(
@@ -359,4 +376,5 @@ def efficientnet_v2(
     drop_path_rate=drop_path_rate,
     dropout_rate=dropout_rate,
     dtype=dtype,
+    conv_impl=conv_impl,
   )
