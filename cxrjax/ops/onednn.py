@@ -13,7 +13,7 @@ as long as PyTorch spends on everything but its convolutions. A last target, not
 oneDNN's, is Adam's update as one pass per parameter (`adam`, `scale_by_adam`):
 optax's ran as four.
 
-Where it applies: float32 NHWC/HWIO convolutions without dilation or groups, in
+Where it applies: float32 NHWC/HWIO convolutions without dilation (grouped and depthwise ones included), in
 a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
 across devices, so with more than one device (a data-parallel mesh, several
 processes) or on GPU/TPU every convolution stays XLA's; `resolve` decides.
@@ -139,12 +139,12 @@ def resolve(requested: str) -> tuple[str, str]:
   return 'xla', f'xla (oneDNN not used: {why})'
 
 
-def _call(kind: int, a, b, shape, strides, padding):
+def _call(kind: int, a, b, shape, strides, padding, groups):
   (pt, pb), (pl, pr) = padding
   # Under vmap, one call per batch element (the kernel takes rank-4 operands only).
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')(
     a, b, kind=np.int64(kind), sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-    pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr))  # fmt: skip
+    pt=np.int64(pt), pb=np.int64(pb), pl=np.int64(pl), pr=np.int64(pr), groups=np.int64(groups))  # fmt: skip
 
 
 def _out_hw(x_shape, w_shape, strides, padding):
@@ -153,23 +153,24 @@ def _out_hw(x_shape, w_shape, strides, padding):
 
 # The three passes, each with a custom VJP made of the other two, so gradients of
 # gradients (an R1 penalty, say) stay on oneDNN too. All three are bilinear.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _forward(x, w, strides, padding):
+# `groups` is lax's feature_group_count.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _forward(x, w, strides, padding, groups):
   oh, ow = _out_hw(x.shape, w.shape, strides, padding)
-  return _call(_FORWARD, x, w, (x.shape[0], oh, ow, w.shape[3]), strides, padding)
+  return _call(_FORWARD, x, w, (x.shape[0], oh, ow, w.shape[3]), strides, padding, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _input_grad(dy, w, x_shape, strides, padding):
-  return _call(_INPUT_GRAD, dy, w, x_shape, strides, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _input_grad(dy, w, x_shape, strides, padding, groups):
+  return _call(_INPUT_GRAD, dy, w, x_shape, strides, padding, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _onednn_weight_grad(x, dy, w_shape, strides, padding):
-  return _call(_WEIGHT_GRAD, x, dy, w_shape, strides, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _onednn_weight_grad(x, dy, w_shape, strides, padding, groups):
+  return _call(_WEIGHT_GRAD, x, dy, w_shape, strides, padding, groups)
 
 
-def _weight_grad(x, dy, w_shape, strides, padding):
+def _weight_grad(x, dy, w_shape, strides, padding, groups):
   if w_shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)) and strides != (1, 1):
     # A strided 1x1 kernel sees every stride-th pixel, so its weight gradient is the
     # stride-1 one of those pixels. A workaround: oneDNN 3.2's 1x1 weight gradient with
@@ -181,34 +182,34 @@ def _weight_grad(x, dy, w_shape, strides, padding):
     oh, ow = dy.shape[1:3]
     x = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
     strides = (1, 1)
-  return _onednn_weight_grad(x, dy, w_shape, strides, padding)
+  return _onednn_weight_grad(x, dy, w_shape, strides, padding, groups)
 
 
-def _forward_fwd(x, w, strides, padding):
-  return _forward(x, w, strides, padding), (x, w)
+def _forward_fwd(x, w, strides, padding, groups):
+  return _forward(x, w, strides, padding, groups), (x, w)
 
 
-def _forward_bwd(strides, padding, res, g):
+def _forward_bwd(strides, padding, groups, res, g):
   x, w = res
-  return _input_grad(g, w, x.shape, strides, padding), _weight_grad(x, g, w.shape, strides, padding)
+  return _input_grad(g, w, x.shape, strides, padding, groups), _weight_grad(x, g, w.shape, strides, padding, groups)
 
 
-def _input_grad_fwd(dy, w, x_shape, strides, padding):
-  return _input_grad(dy, w, x_shape, strides, padding), (dy, w)
+def _input_grad_fwd(dy, w, x_shape, strides, padding, groups):
+  return _input_grad(dy, w, x_shape, strides, padding, groups), (dy, w)
 
 
-def _input_grad_bwd(x_shape, strides, padding, res, g):  # g has x's shape
+def _input_grad_bwd(x_shape, strides, padding, groups, res, g):  # g has x's shape
   dy, w = res
-  return _forward(g, w, strides, padding), _weight_grad(g, dy, w.shape, strides, padding)
+  return _forward(g, w, strides, padding, groups), _weight_grad(g, dy, w.shape, strides, padding, groups)
 
 
-def _weight_grad_fwd(x, dy, w_shape, strides, padding):
-  return _onednn_weight_grad(x, dy, w_shape, strides, padding), (x, dy)
+def _weight_grad_fwd(x, dy, w_shape, strides, padding, groups):
+  return _onednn_weight_grad(x, dy, w_shape, strides, padding, groups), (x, dy)
 
 
-def _weight_grad_bwd(w_shape, strides, padding, res, g):  # g has w's shape
+def _weight_grad_bwd(w_shape, strides, padding, groups, res, g):  # g has w's shape
   x, dy = res
-  return _input_grad(dy, g, x.shape, strides, padding), _forward(x, g, strides, padding)
+  return _input_grad(dy, g, x.shape, strides, padding, groups), _forward(x, g, strides, padding, groups)
 
 
 _forward.defvjp(_forward_fwd, _forward_bwd)
@@ -216,21 +217,23 @@ _input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
 _onednn_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)
 
 
-def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding=((0, 0), (0, 0))) -> jax.Array:
+def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1) -> jax.Array:
   """A float32 NHWC x HWIO convolution on oneDNN (`load()` must have succeeded).
 
   Args:
     x: `[n, h, w, c]` input.
-    w: `[kh, kw, c, o]` kernel.
+    w: `[kh, kw, c / groups, o]` kernel (o a multiple of groups).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)), each >= 0.
+    groups: lax's `feature_group_count` (c for a depthwise convolution).
 
   Returns:
-    `[n, oh, ow, o]`, as `lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`.
+    `[n, oh, ow, o]`, as `lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO',
+    'NHWC'), feature_group_count=groups)`.
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _forward(x, w, strides, padding)
+  return _forward(x, w, strides, padding, int(groups))
 
 
 def transposed_conv(x: jax.Array, w: jax.Array, out_shape, strides, padding) -> jax.Array:
@@ -248,7 +251,7 @@ def transposed_conv(x: jax.Array, w: jax.Array, out_shape, strides, padding) -> 
   """
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _input_grad(x, w, tuple(out_shape), strides, padding)
+  return _input_grad(x, w, tuple(out_shape), strides, padding, 1)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -256,8 +259,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          preferred_element_type=None):  # fmt: skip
   """`lax.conv_general_dilated`, on oneDNN where it applies and XLA's otherwise (pass it to `nn.Conv`).
 
-  oneDNN's case: rank-4 float32 NHWC x HWIO, no dilation, no groups, padding that is
-  'SAME'/'VALID' or non-negative pairs. Arguments and result are `lax.conv_general_dilated`'s.
+  oneDNN's case: rank-4 float32 NHWC x HWIO, no dilation, feature groups (depthwise
+  included) but no batch groups, padding that is 'SAME'/'VALID' or non-negative pairs. Arguments and result are `lax.conv_general_dilated`'s.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
@@ -268,7 +271,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     and lhs.dtype == jnp.float32
     and rhs.dtype == jnp.float32
     and preferred_element_type in (None, jnp.float32)
-    and feature_group_count == 1
+    and feature_group_count >= 1
+    and lhs.shape[-1] == rhs.shape[2] * feature_group_count
+    and rhs.shape[3] % feature_group_count == 0
     and batch_group_count == 1
     and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -278,7 +283,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   if not fits or any(lo < 0 or hi < 0 for lo, hi in padding):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-  return conv(lhs, rhs, window_strides, padding)
+  return conv(lhs, rhs, window_strides, padding, feature_group_count)
 
 
 def conv_general_dilated_for(impl: str):

@@ -153,13 +153,17 @@ dnnl_memory_desc_t strided(std::vector<int64_t> dims, std::vector<int64_t> strid
 dnnl_memory_desc_t nhwc(int64_t n, int64_t h, int64_t w, int64_t c) {
   return strided({n, c, h, w}, {h * w * c, 1, w * c, c});
 }
-dnnl_memory_desc_t hwio(int64_t kh, int64_t kw, int64_t i, int64_t o) {
-  return strided({o, i, kh, kw}, {1, o, kw * i * o, i * o});
+// JAX's [kh, kw, i / groups, o] kernel as oneDNN's OIHW, or GOIHW with groups > 1
+// (group g's outputs are o / groups consecutive channels of the last axis).
+dnnl_memory_desc_t hwio(int64_t kh, int64_t kw, int64_t i, int64_t o, int64_t groups) {
+  const int64_t ig = i / groups, og = o / groups;
+  if (groups == 1) return strided({o, i, kh, kw}, {1, o, kw * i * o, i * o});
+  return strided({groups, og, ig, kh, kw}, {og, 1, o, kw * ig * o, ig * o});
 }
 
 struct Geometry {
-  int64_t kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
-  auto key() const { return std::tie(kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr); }
+  int64_t kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups;
+  auto key() const { return std::tie(kind, n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups); }
   bool operator<(const Geometry& other) const { return key() < other.key(); }
 };
 
@@ -179,10 +183,13 @@ std::unique_ptr<Plan> make_plan(const Geometry& g) {
   dnnl_dims_t strides = {g.sh, g.sw}, dilates = {0, 0}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   plan->x = nhwc(g.n, g.h, g.w, g.c);
   plan->y = nhwc(g.n, g.oh, g.ow, g.o);
-  plan->user_w = hwio(g.kh, g.kw, g.c, g.o);
-  dnnl_dims_t wdims = {g.o, g.c, g.kh, g.kw};
+  plan->user_w = hwio(g.kh, g.kw, g.c, g.o, g.groups);
+  dnnl_dims_t wdims = {g.o, g.c, g.kh, g.kw}, gwdims = {g.groups, g.o / g.groups, g.c / g.groups, g.kh, g.kw};
   dnnl_memory_desc_t any_w;
-  CHECK(dnnl_memory_desc_create_with_tag(&any_w, 4, wdims, kF32, kFormatAny));
+  if (g.groups == 1)
+    CHECK(dnnl_memory_desc_create_with_tag(&any_w, 4, wdims, kF32, kFormatAny));
+  else
+    CHECK(dnnl_memory_desc_create_with_tag(&any_w, 5, gwdims, kF32, kFormatAny));
   // User scratchpads, so that calls can share the buffers below, kept outside the malloc heap.
   dnnl_primitive_attr_t attr;
   CHECK(dnnl_primitive_attr_create(&attr));
@@ -283,8 +290,10 @@ void execute(dnnl_primitive_t p, std::vector<dnnl_exec_arg_t> args) {
 }
 
 // kind 0: out = conv(a = x, b = w); 1: out = dx from (a = dy, b = w); 2: out = dw from (a = x, b = dy).
+// groups: JAX's feature_group_count (the kernel is [kh, kw, c / groups, o]); c for depthwise.
 ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out,
-                       int64_t kind, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                       int64_t kind, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                       int64_t groups) {
   try {
     auto da = a.dimensions(), db = b.dimensions(), dout = out->dimensions();
     if (da.size() != 4 || db.size() != 4 || dout.size() != 4 || kind < 0 || kind > 2)
@@ -293,9 +302,10 @@ ffi::Error Convolution(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Re
     const auto w = kind == 2 ? dout : db;                 // HWIO kernel
     const auto y = kind == 0 ? dout : kind == 1 ? da : db;  // NHWC output
     // The operands must agree, or oneDNN would read or write outside them.
-    if (x[3] != w[2] || y[0] != x[0] || y[3] != w[3] || sh < 1 || sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0)
+    if (groups < 1 || x[3] != w[2] * groups || w[3] % groups != 0 || y[0] != x[0] || y[3] != w[3] || sh < 1 ||
+        sw < 1 || pt < 0 || pb < 0 || pl < 0 || pr < 0)
       return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cxrjax_onednn_conv: inconsistent shapes or parameters");
-    Geometry g{kind, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr};
+    Geometry g{kind, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl, pr, groups};
     std::lock_guard<std::mutex> run_lock(run_mutex());
     static std::map<Geometry, std::unique_ptr<Plan>> plans;
     auto& slot = plans[g];
@@ -506,7 +516,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_conv, Convolution,
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pb")
                                   .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("pr"));
+                                  .Attr<int64_t>("pr")
+                                  .Attr<int64_t>("groups"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cxrjax_onednn_bn_forward, BatchNormForward,
                               xla::ffi::Ffi::Bind()
