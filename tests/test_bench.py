@@ -167,7 +167,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
   assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: ' in proc.stdout
-  assert 'convolutions (ResNet-18, DCGAN, UNet): oneDNN 3.' in proc.stdout
+  assert 'convolutions (ResNet-18, EfficientNetV2, DCGAN, UNet): oneDNN 3.' in proc.stdout
 
 
 def test_cli_survives_a_crashing_pytorch_variant(tmp_path):
