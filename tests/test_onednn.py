@@ -210,7 +210,7 @@ def test_efficientnet_v2_on_onednn_matches_xla():
   models = {
     impl: efficientnet_v2.efficientnet_v2(
       2, 'b0', width=0.25, depth=0.25, stem_stride=1, drop_path_rate=0.0, dropout_rate=0.0, conv_impl=impl
-    )  # fmt: skip
+    )
     for impl in ('xla', 'onednn')
   }
   variables = init_variables(models['xla'], jax.random.key(1), x, train=False)
@@ -228,12 +228,12 @@ def test_efficientnet_v2_on_onednn_matches_xla():
   (lo, so), go = loss(models['onednn'])(variables['params'])
   np.testing.assert_allclose(lo, lx, rtol=0, atol=1e-5)  # absolute: this loss is near 0 (about 7e-3)
   for a, b in zip(jax.tree.leaves(so), jax.tree.leaves(sx)):
-    # Some running means are rounding noise around 0 (~1e-8: BatchNorms whose inputs are
-    # centred already), so the floor is absolute, at rounding level for O(1) activations.
+    # Some running means are of order 1e-8 on both sides (rounding noise), so the floor is
+    # absolute, at rounding level for O(1) activations.
     np.testing.assert_allclose(a, b, rtol=0, atol=RTOL * float(np.max(np.abs(b))) + 1e-6)
   # Rounding differences grow through the backward pass of 22 BatchNorms over 4 x 16 x 16
   # samples (observed up to 1.2e-4 of a leaf's largest gradient); a wrong pass is O(1) off.
-  # Leaves whose true gradient is 0 hold rounding noise of ~1e-7, hence the absolute floor.
+  # Some leaves' gradients are of order 1e-7 on both sides (rounding noise), hence the floor.
   for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, rtol=0, atol=5e-4 * float(np.max(np.abs(b))) + 1e-6)
   hlo = loss(models['onednn']).lower(variables['params']).compile().as_text()
