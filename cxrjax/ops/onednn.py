@@ -13,8 +13,8 @@ as long as PyTorch spends on everything but its convolutions. A last target, not
 oneDNN's, is Adam's update as one pass per parameter (`adam`, `scale_by_adam`):
 optax's ran as four.
 
-Where it applies: float32 NHWC/HWIO convolutions without dilation (grouped and depthwise ones included), in
-a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
+Where it applies: float32 NHWC/HWIO convolutions without dilation (grouped and
+depthwise ones included), in a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
 across devices, so with more than one device (a data-parallel mesh, several
 processes) or on GPU/TPU every convolution stays XLA's; `resolve` decides.
 
@@ -260,7 +260,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated`, on oneDNN where it applies and XLA's otherwise (pass it to `nn.Conv`).
 
   oneDNN's case: rank-4 float32 NHWC x HWIO, no dilation, feature groups (depthwise
-  included) but no batch groups, padding that is 'SAME'/'VALID' or non-negative pairs. Arguments and result are `lax.conv_general_dilated`'s.
+  included) but no batch groups, padding that is 'SAME'/'VALID' or non-negative pairs.
+  Arguments and result are `lax.conv_general_dilated`'s.
   """
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count, batch_group_count=batch_group_count, precision=precision,
@@ -271,7 +272,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     and lhs.dtype == jnp.float32
     and rhs.dtype == jnp.float32
     and preferred_element_type in (None, jnp.float32)
-    and feature_group_count >= 1
     and lhs.shape[-1] == rhs.shape[2] * feature_group_count
     and rhs.shape[3] % feature_group_count == 0
     and batch_group_count == 1
