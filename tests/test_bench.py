@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
-from cxrjax import _xla_env
+from cxrjax import _xla_env, models
 from cxrjax.models import dcgan, efficientnet_v2, resnet, unet
 
 torch = pytest.importorskip('torch')
@@ -211,6 +211,9 @@ def test_generator_steps_are_timed_with_their_trainers_compiler_options(monkeypa
     assert cases[0].compiler_options == _xla_env.NO_ELEMENTWISE_YNN  # as gan.py / ldm.py compile their steps
     assert cases[1].compiler_options is None
   assert harness.cases_for('resnet18_28', quick=True)[0].compiler_options is None
+  # EfficientNetV2's many small SiLU / squeeze-excitation maps: compiled as the classifier trainer does, without it.
+  (effnet,) = harness.cases_for('efficientnet_v2_b0', quick=True)
+  assert effnet.compiler_options == _xla_env.NO_ELEMENTWISE_YNN == models.classifier_step_options('efficientnet_v2_b0')
 
 
 @pytest.mark.parametrize('stride,k', [(1, 3), (2, 3), (2, 1)])

@@ -31,6 +31,8 @@ def assert_outputs(workdir):
   assert m['run']['malloc'].startswith(('glibc', 'unchanged'))  # what cxrjax._xla_env did to malloc
   # The generator steps' per-program XLA options (CPU: YNN's elementwise fusion off), recorded with the flags.
   assert m['run']['generator_step_xla_options'] == _xla_env.compiler_options(fuse_elementwise=False)
+  # The classifier step's: these runs train ResNet-18, which keeps YNN's elementwise fusion (the flags alone).
+  assert m['run']['classifier_step_xla_options'] is None
   assert m['run']['seed'] == 0
   assert m['train']['wall_time_s'] > 0
   return m

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxrjax import _xla_env
 from cxrjax.data import phantom
 
 from conftest import run_cli
@@ -62,6 +63,8 @@ def test_four_class_folder_by_configuration_alone(tmp_path, four_class_folder):
   assert imb[1] < imb[0] and imb[3] < imb[0]
   assert len(set(m['data']['counts']['trained_on'])) == 1  # oversampled to equal counts
   assert len(m['test']['threshold_0.5']['per_class']) == 4
+  # EfficientNetV2's step compiles without YNN's elementwise fusion (ResNet-18's keeps it: test_cli.py).
+  assert m['run']['classifier_step_xla_options'] == _xla_env.compiler_options(fuse_elementwise=False)
 
 
 def test_four_class_folder_with_conditional_gan(tmp_path, four_class_folder):

@@ -128,7 +128,7 @@ from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
 from cxrjax.errors import UserError
-from cxrjax.models import build_classifier
+from cxrjax.models import build_classifier, classifier_step_options
 from cxrjax.ops import onednn
 from cxrjax.trainers import classifier, gan, ldm
 
@@ -595,10 +595,13 @@ def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
   labels = (np.arange(batch) % 2).astype(np.int32)
   init_fn = functools.partial(classifier.create_state, model, tx, (size, size, 1), jax.random.key(0))
   params_jax = _count(jax.eval_shape(init_fn).params)
+  step_options = classifier_step_options(mc.name)  # as `classifier.train_and_evaluate` compiles the step
 
   def make_jax():
     jbatch = dict(image=images, label=labels, weight=np.ones(batch, np.float32))
-    return jax_step_runner(classifier.make_train_step(model, tx, loss_cfg), init_fn, jbatch)
+    return jax_step_runner(
+      classifier.make_train_step(model, tx, loss_cfg), init_fn, jbatch, compiler_options=step_options
+    )
 
   def torch_model():
     from cxrjax.bench import torch_models as tm  # noqa: PLC0415 - imports torch
@@ -631,7 +634,8 @@ def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
     f'EfficientNetV2-{model.variant.upper()}, stem stride {model.stem_stride}, width x{s["width"]}, depth x{s["depth"]}'
   )  # fmt: skip
   return Case(name, 'train', batch, size, (size, size, 1), make_jax, build, params_jax,
-              lambda: _count_torch(torch_model()), notes=f'{what}, 1 channel, 2 classes, Adam 1e-3', convolution=conv_note)  # fmt: skip
+              lambda: _count_torch(torch_model()), notes=f'{what}, 1 channel, 2 classes, Adam 1e-3', convolution=conv_note,
+              compiler_options=step_options)  # fmt: skip
 
 
 def _count_torch(*modules) -> int:

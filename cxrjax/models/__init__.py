@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from cxrjax import _xla_env
 from cxrjax.models import efficientnet_v2, resnet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -40,6 +41,18 @@ CLASSIFIERS = {
   'efficientnet_v2_b0': _efficientnet_v2('b0'),
   'efficientnet_v2_s': _efficientnet_v2('s'),
 }
+
+
+# Classifiers whose training step runs faster with YNN's elementwise fusion: ResNet-18's
+# elementwise work is a few large ReLU / residual maps around oneDNN's kernels. EfficientNetV2's
+# many small SiLU, squeeze-excitation and residual maps run faster as XLA's own loop fusions
+# (measured, BUILD_NOTES.md issue 8), so its step compiles without it, as the generator steps do.
+FUSE_ELEMENTWISE = frozenset({'resnet18'})
+
+
+def classifier_step_options(model_name: str) -> dict[str, str] | None:
+  """XLA options for the training step of classifier `model_name` (`_xla_env.compiler_options`)."""
+  return _xla_env.compiler_options(fuse_elementwise=model_name in FUSE_ELEMENTWISE)
 
 
 def build_classifier(model_config, num_classes: int, image_shape, conv_impl: str = 'xla'):

@@ -30,7 +30,7 @@ from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
-from cxrjax.models import build_classifier
+from cxrjax.models import build_classifier, classifier_step_options
 from cxrjax.ops import onednn
 from cxrjax.trainers import common
 
@@ -213,6 +213,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     in_shardings=(state_sh, batch_sh, repl),
     out_shardings=(state_sh, repl),
     donate_argnums=(0,),
+    compiler_options=classifier_step_options(config.model.name),
   )
   predict = jax.jit(make_predict(model), in_shardings=(variables_sh, batch_sh), out_shardings=batch_sh)
   copy_best = jax.jit(eval_variables, out_shardings=variables_sh)

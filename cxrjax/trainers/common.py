@@ -22,6 +22,7 @@ from cxrjax import _xla_env, config_lib, fileio, progress, seeding
 from cxrjax.data import imbalance, rebalance, sources
 from cxrjax.data.dataset import Dataset, Split
 from cxrjax.errors import UserError
+from cxrjax.models import classifier_step_options
 from cxrjax.ops import onednn
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'scikit-learn', 'ml-collections')
@@ -164,6 +165,8 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     xla_flags=os.environ.get('XLA_FLAGS', ''),
     # On top of xla_flags, for the DCGAN and diffusion-UNet training steps only (gan.py, ldm.py).
     generator_step_xla_options=_xla_env.compiler_options(fuse_elementwise=False),
+    # The classifier's training step (classifier.py): ResNet-18 keeps xla_flags, EfficientNetV2 drops YNN's elementwise fusion.
+    classifier_step_xla_options=classifier_step_options(config.model.name),
     malloc=_xla_env.malloc_setting,
     convolution=onednn.resolve(config.convolution)[1],
     command=command_line(),
