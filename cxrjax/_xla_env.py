@@ -192,6 +192,50 @@ def _jax_backend_started() -> bool | None:
     return None
 
 
+# What `use_one_pool_thread` did, recorded in every run's metrics.json and in the benchmark's rows.
+pool_setting = 'default (one XLA thread per core)'
+
+
+def use_one_pool_thread() -> str:
+  """Before JAX's CPU client starts: sizes XLA's CPU thread pool to one thread (`NPROC=1`).
+
+  Why: with one pool thread per core, any of them can run a oneDNN custom call, so on
+  two cores two threads come to lead oneDNN's OpenMP teams. libgomp then manages more
+  threads than there are cores and cuts its spin-wait after each parallel region from
+  about 3 ms to 100 spins, so each parallel region of each oneDNN call wakes its worker
+  from sleep. Steps made of many short oneDNN calls pay for that: measured (BUILD_NOTES.md,
+  issue 8) EfficientNetV2-B0's step ran about 12% and the DCGAN step about 6% faster with
+  one pool thread, ResNet-18's step no faster; but XLA's own fusions then run on one
+  core, and the UNet step ran about 10% and EfficientNetV2-S's 5% slower. So the
+  experiments ask for it per model (`models.one_pool_thread`).
+
+  Does nothing off Linux, under `CXRJAX_KEEP_XLA_FLAGS=1`, when the user set NPROC or
+  PJRT_NPROC, with several forced CPU devices (oneDNN is not used there), or once JAX's
+  backend has started. The command line does not ask for it under `jax.distributed`.
+
+  Returns:
+    What was done (also kept in `pool_setting`).
+  """
+  global pool_setting
+  flags = os.environ.get('XLA_FLAGS', '')
+  devices = [f.split('=', 1)[1] for f in flags.split() if f.startswith('--xla_force_host_platform_device_count=')]
+  why_not = (
+    'not on Linux' if not sys.platform.startswith('linux')
+    else 'CXRJAX_KEEP_XLA_FLAGS=1' if os.environ.get('CXRJAX_KEEP_XLA_FLAGS')
+    else f'NPROC={os.environ["NPROC"]} set by the user' if 'NPROC' in os.environ
+    else f'PJRT_NPROC={os.environ["PJRT_NPROC"]} set by the user' if 'PJRT_NPROC' in os.environ
+    else f'{devices[-1]} forced CPU devices' if devices and devices[-1] != '1'
+    else 'JAX had already started' if _jax_backend_started() is not False
+    else None
+  )  # fmt: skip
+  if why_not:
+    pool_setting = f'default (one XLA thread per core; one thread asked for, not set: {why_not})'
+  else:
+    os.environ['NPROC'] = '1'  # read by XLA's CPU client when it starts (its pool size)
+    pool_setting = 'one XLA thread (NPROC=1, set by cxrjax)'
+  return pool_setting
+
+
 BLOCK_CACHE_SOURCE = Path(__file__).with_name('block_cache.c')
 _CFLAGS = ('-O2', '-shared', '-fPIC', '-Wall')
 

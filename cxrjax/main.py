@@ -101,9 +101,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
+def _distributed() -> bool:
+  return _DISTRIBUTED.value or os.environ.get('CXRJAX_DISTRIBUTED') == '1'
+
+
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when --distributed or CXRJAX_DISTRIBUTED=1 (before any JAX work)."""
-  if not (_DISTRIBUTED.value or os.environ.get('CXRJAX_DISTRIBUTED') == '1'):
+  if not _distributed():
     return
   import jax  # noqa: PLC0415
 
@@ -129,6 +133,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   from cxrjax import config_lib  # noqa: PLC0415 - after flags, so errors are one line
+  from cxrjax.models import one_pool_thread  # noqa: PLC0415
   from cxrjax.trainers import TRAINERS  # noqa: PLC0415
 
   maybe_initialize_distributed()
@@ -142,6 +147,8 @@ def main(argv: list[str]) -> None:
     except (OSError, AttributeError, ImportError, SyntaxError) as e:
       raise UserError(f'--config={flags.FLAGS["config"].serialize()}: {e}') from e
     config = config_lib.finalize(config)
+    if one_pool_thread(config) and not _distributed():
+      _xla_env.use_one_pool_thread()  # before JAX's CPU client starts (the trainer starts it)
     workdir = _WORKDIR.value or _workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
     TRAINERS[config.trainer](config, workdir)
   except UserError as e:

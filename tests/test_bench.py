@@ -140,7 +140,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '2', '--steps', '1',
          '--out', str(out)]  # fmt: skip
   # One CPU device and cxrjax's own settings, whatever the caller forces.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'CXRJAX_KEEP_MALLOC')}
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'CXRJAX_KEEP_MALLOC', 'NPROC', 'PJRT_NPROC')}
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
@@ -159,6 +159,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
   assert row['jax_compiler_options'] is None  # the classifier step keeps the process's XLA flags
+  assert row['jax_cpu_pool'] == 'default (one XLA thread per core)'  # as ResNet-18's runs: not asked for
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
   assert row['warmup_rounds'] == 1  # an untimed round first, then the 2 timed repetitions

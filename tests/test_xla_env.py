@@ -51,9 +51,8 @@ print(json.dumps(dict(flags=_xla_env.CPU_FLAGS, xla_flags=m['xla_flags'], malloc
 
 
 def _run(script: str, **env_extra: str) -> dict:
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith('CXRJAX_KEEP_') and k not in ('XLA_FLAGS', 'LD_PRELOAD')
-  }
+  drop = ('XLA_FLAGS', 'LD_PRELOAD', 'NPROC', 'PJRT_NPROC')
+  env = {k: v for k, v in os.environ.items() if not k.startswith('CXRJAX_KEEP_') and k not in drop}
   env.update(env_extra)
   proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,6 +85,42 @@ def test_xla_flags_and_malloc_setting_are_set_on_import_and_recorded():
   assert r['malloc'] == r['setting']
   if platform.libc_ver()[0] == 'glibc':
     assert r['setting'].startswith('glibc')
+
+
+# In a fresh interpreter: asks for one XLA pool thread, starts JAX, runs a program and counts
+# XLA's pool threads (named tf_XLAEigen...). JAX_FIRST=1 starts JAX's backend before the request.
+_POOL_THREADS = """
+import json, os
+if os.environ.get('JAX_FIRST'):
+  import jax
+  jax.numpy.zeros(1).block_until_ready()
+from cxrjax import _xla_env
+if os.environ.get('ASK'):
+  _xla_env.use_one_pool_thread()
+import jax, jax.numpy as jnp
+x = jnp.ones((1024, 1024))
+jax.jit(lambda x: jnp.tanh(x @ x).sum())(x).block_until_ready()
+names = [open(f'/proc/self/task/{t}/comm').read() for t in os.listdir('/proc/self/task')]
+print(json.dumps(dict(threads=sum(n.startswith('tf_XLAEigen') for n in names), setting=_xla_env.pool_setting)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='counts threads in /proc')
+def test_one_pool_thread_sizes_xla_cpu_pool_before_jax_starts():
+  cores = len(os.sched_getaffinity(0))
+  default = _run(_POOL_THREADS)
+  assert default['setting'] == 'default (one XLA thread per core)'
+  assert default['threads'] == cores  # one pool thread per core unless asked
+  one = _run(_POOL_THREADS, ASK='1')
+  assert one == dict(threads=1, setting='one XLA thread (NPROC=1, set by cxrjax)')
+  # Not applied, and said why: the user's NPROC rules; a started backend keeps its pool; so do
+  # several forced devices (their data-parallel programs use XLA's convolutions, not oneDNN's).
+  user = _run(_POOL_THREADS, ASK='1', NPROC=str(cores + 1))
+  assert user['threads'] == cores + 1 and user['setting'].endswith(f'not set: NPROC={cores + 1} set by the user)')
+  late = _run(_POOL_THREADS, ASK='1', JAX_FIRST='1')
+  assert late['threads'] == cores and late['setting'].endswith('not set: JAX had already started)')
+  forced = _run(_POOL_THREADS, ASK='1', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  assert 'NPROC' not in forced['setting'] and forced['setting'].endswith('not set: 2 forced CPU devices)')
 
 
 def _groupnorm_silu_grads():

@@ -77,7 +77,8 @@ jax_mesh_devices and jax_batch_split (devices of the JAX step's batch sharding a
 batch is split over them; None for sampling and failed steps), jax_convolution (what the JAX convolutions ran
 on: oneDNN or XLA, from `cxrjax.ops.onednn.resolve` and `--convolution`), jax_compiler_options (the XLA
 options the JAX step was compiled with on top of the process's flags, as the trainer compiles it:
-`cxrjax._xla_env.compiler_options`; None for none), torch_setting, torch_threads,
+`cxrjax._xla_env.compiler_options`; None for none), jax_cpu_pool (XLA's CPU thread pool in the worker, as
+the experiment's command line sizes it: `cxrjax._xla_env.use_one_pool_thread`), torch_setting, torch_threads,
 torch_contiguous_images_per_s, torch_channels_last_images_per_s (the faster thread count of each format),
 torch_variants (every eager variant: images/s, or why not timed),
 torch_compile_images_per_s (None when not measured), torch_compile ('ok' or 'n/a: reason'),
@@ -128,7 +129,7 @@ from cxrjax import mesh as mesh_lib
 from cxrjax.data import pipeline, rebalance, sources
 from cxrjax.data.augment import AugmentParams
 from cxrjax.errors import UserError
-from cxrjax.models import build_classifier, classifier_step_options
+from cxrjax.models import ONE_POOL_THREAD, build_classifier, classifier_step_options
 from cxrjax.ops import onednn
 from cxrjax.trainers import classifier, gan, ldm
 
@@ -1064,6 +1065,7 @@ def measure(
     jax_batch_split=jx.batch_split,
     jax_convolution=case.convolution,
     jax_compiler_options=case.compiler_options,
+    jax_cpu_pool=_xla_env.pool_setting,
     torch_setting=best.name if best else None,
     torch_threads=best.setting.threads if best else None,
     torch_contiguous_images_per_s=_round(per_format['contiguous']),
@@ -1410,6 +1412,8 @@ def _worker(args, torch_threads: tuple[int, ...]) -> None:
     with open(result, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
+  if args.worker in ONE_POOL_THREAD:  # as the experiment's command line runs it (`main.py`)
+    _xla_env.use_one_pool_thread()
   if args.worker == 'pipeline':
     _log('[pipeline]')
     for row in measure_pipeline(settings['pipeline'], args.reps, _log):

@@ -55,6 +55,19 @@ def classifier_step_options(model_name: str) -> dict[str, str] | None:
   return _xla_env.compiler_options(fuse_elementwise=model_name in FUSE_ELEMENTWISE)
 
 
+# Experiments whose training ran faster with XLA's CPU work on one pool thread
+# (`_xla_env.use_one_pool_thread`): many short oneDNN calls per step. Measured (BUILD_NOTES.md,
+# issue 8): the DCGAN step about 6% and EfficientNetV2-B0's about 12% faster; ResNet-18 the same;
+# the UNet and EfficientNetV2-S slower, so they keep one pool thread per core.
+ONE_POOL_THREAD = frozenset({'dcgan', 'efficientnet_v2_b0'})
+
+
+def one_pool_thread(config) -> bool:
+  """Whether the experiment `config` runs with one XLA pool thread (the 'gan' trainer's generators are DCGANs)."""
+  program = {'gan': 'dcgan', 'classifier': config.model.name}.get(config.trainer, config.trainer)
+  return program in ONE_POOL_THREAD
+
+
 def build_classifier(model_config, num_classes: int, image_shape, conv_impl: str = 'xla'):
   """The classifier named by `model_config.name` (a Flax linen module).
 

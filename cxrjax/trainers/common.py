@@ -168,6 +168,7 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # The classifier's training step (classifier.py): ResNet-18 keeps xla_flags, EfficientNetV2 drops YNN's elementwise fusion.
     classifier_step_xla_options=classifier_step_options(config.model.name),
     malloc=_xla_env.malloc_setting,
+    xla_cpu_pool=_xla_env.pool_setting,
     convolution=onednn.resolve(config.convolution)[1],
     command=command_line(),
     host=platform.node(),
@@ -274,6 +275,8 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
     # Faster CPU steps at the price of a larger peak heap: say so where a user looks.
     lines.append(f'malloc: {_xla_env.malloc_setting} (freed memory kept for reuse; CXRJAX_KEEP_MALLOC=1 undoes)')
   lines.append(f'convolutions: {onednn.resolve(config.convolution)[1]}')
+  if not _xla_env.pool_setting.startswith('default (one XLA thread per core)'):  # asked for: say what came of it
+    lines.append(f'XLA CPU pool: {_xla_env.pool_setting}')
   if any(data.leakage.values()):
     lines.append(f'note: identical images across splits in the source data: {data.leakage}')
   lines.append('=' * 78)
