@@ -165,7 +165,8 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     xla_flags=os.environ.get('XLA_FLAGS', ''),
     # On top of xla_flags, for the DCGAN and diffusion-UNet training steps only (gan.py, ldm.py).
     generator_step_xla_options=_xla_env.compiler_options(fuse_elementwise=False),
-    # The classifier's training step (classifier.py): ResNet-18 keeps xla_flags, EfficientNetV2 drops YNN's elementwise fusion.
+    # The classifier's training step (classifier.py): ResNet-18's keeps xla_flags alone,
+    # EfficientNetV2's drops YNN's elementwise fusion.
     classifier_step_xla_options=classifier_step_options(config.model.name),
     malloc=_xla_env.malloc_setting,
     xla_cpu_pool=_xla_env.pool_setting,
