@@ -14,9 +14,10 @@ oneDNN's, is Adam's update as one pass per parameter (`adam`, `scale_by_adam`):
 optax's ran as four.
 
 Where it applies: float32 NHWC/HWIO convolutions without dilation (grouped and
-depthwise ones included), in a program on one CPU device. XLA's SPMD partitioner cannot split a custom call
-across devices, so with more than one device (a data-parallel mesh, several
-processes) or on GPU/TPU every convolution stays XLA's; `resolve` decides.
+depthwise ones included), in a program on one CPU device. XLA's SPMD partitioner
+cannot split a custom call across devices, so with more than one device (a
+data-parallel mesh, several processes) or on GPU/TPU every convolution stays
+XLA's; `resolve` decides.
 
 How it is built: on first use, `g++` compiles `onednn_conv.cc` against JAX's FFI
 headers and the `libdnnl.so.3` of the `onednn-cpu-gomp` wheel (the `onednn`
