@@ -159,7 +159,7 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
   assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
   assert row['jax_compiler_options'] is None  # the classifier step keeps the process's XLA flags
-  assert row['jax_cpu_pool'] == 'default (one XLA thread per core)'  # as ResNet-18's runs: not asked for
+  assert row['jax_cpu_pool'] == 'one XLA thread (NPROC=1, set by cxrjax)'  # as ResNet-18's runs set it
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
   assert row['warmup_rounds'] == 1  # an untimed round first, then the 2 timed repetitions

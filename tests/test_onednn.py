@@ -506,6 +506,26 @@ def test_fused_adam_matches_optax():
   assert onednn.ADAM not in jax.jit(onednn.adam(1e-3).update).lower(params, want_state, params).as_text()
 
 
+def test_fused_adam_kernel_is_float32_arithmetic_bit_for_bit():
+  # The kernel is compiled with -O3 -fno-math-errno (vectorised): each element must still
+  # get the same float32 operations in the same order, no contraction into multiply-adds
+  # and no reassociation. Lengths: a vector tail, and one above the threading threshold.
+  b1, b2, eps, eps_root = 0.9, 0.999, 1e-8, 1e-10
+  a1, a2 = np.float32(1 - b1), np.float32(1 - b2)
+  d1, d2 = np.float32(1 - b1**3), np.float32(1 - b2**3)
+  for n in (37, 50_003):
+    g, m, v = (np.asarray(jax.random.normal(jax.random.key(i), (n,))) for i in range(3))
+    v = np.abs(v) * np.float32(1e-3)
+    f32 = np.float32
+    want_m = a1 * g + f32(b1) * m
+    want_v = a2 * (g * g) + f32(b2) * v
+    want_u = (want_m / d1) / (np.sqrt(want_v / d2 + f32(eps_root)) + f32(eps))
+    leaf = jax.jit(lambda g, m, v: onednn._adam_leaf(g, m, v, jnp.float32(d1), jnp.float32(d2), b1, b2, eps, eps_root))
+    u, new_m, new_v = leaf(g, m, v)
+    for got, want in ((u, want_u), (new_m, want_m), (new_v, want_v)):
+      np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_fused_adam_follows_optax_arithmetic_closely():
   # Defaults (b2=0.999, where rounding 1 - b2 in float32 instead of double would show at
   # ~1e-5), tiny gradients (nu ~1e-12, so eps and eps_root matter) and eps_root != 0.

@@ -1412,7 +1412,8 @@ def _worker(args, torch_threads: tuple[int, ...]) -> None:
     with open(result, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
-  if args.worker in ONE_POOL_THREAD:  # as the experiment's command line runs it (`main.py`)
+  program = {'resnet18_28': 'resnet18', 'resnet18_64': 'resnet18'}.get(args.worker, args.worker)
+  if program in ONE_POOL_THREAD:  # as the experiment's command line runs it (`main.py`)
     _xla_env.use_one_pool_thread()
   if args.worker == 'pipeline':
     _log('[pipeline]')

@@ -56,10 +56,11 @@ def classifier_step_options(model_name: str) -> dict[str, str] | None:
 
 
 # Experiments whose training ran faster with XLA's CPU work on one pool thread
-# (`_xla_env.use_one_pool_thread`): many short oneDNN calls per step. Measured (BUILD_NOTES.md,
-# issue 8): the DCGAN step about 6% and EfficientNetV2-B0's about 12% faster; ResNet-18 the same;
-# the UNet and EfficientNetV2-S slower, so they keep one pool thread per core.
-ONE_POOL_THREAD = frozenset({'dcgan', 'efficientnet_v2_b0'})
+# (`_xla_env.use_one_pool_thread`): steps that are nearly all oneDNN calls. Measured (BUILD_NOTES.md,
+# issue 8): the DCGAN step about 6%, EfficientNetV2-B0's about 12% and ResNet-18's 2-3% faster
+# (no XLA fusion then runs beside a convolution); the UNet and EfficientNetV2-S, with more XLA
+# work of their own, slower, so they keep one pool thread per core.
+ONE_POOL_THREAD = frozenset({'dcgan', 'efficientnet_v2_b0', 'resnet18'})
 
 
 def one_pool_thread(config) -> bool:
