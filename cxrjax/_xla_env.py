@@ -204,10 +204,11 @@ def use_one_pool_thread() -> str:
   threads than there are cores and cuts its spin-wait after each parallel region from
   about 3 ms to 100 spins, so each parallel region of each oneDNN call wakes its worker
   from sleep. Steps made of many short oneDNN calls pay for that: measured (BUILD_NOTES.md,
-  issue 8) EfficientNetV2-B0's step ran about 12% and the DCGAN step about 6% faster with
-  one pool thread, ResNet-18's step no faster; but XLA's own fusions then run on one
-  core, and the UNet step ran about 10% and EfficientNetV2-S's 5% slower. So the
-  experiments ask for it per model (`models.one_pool_thread`).
+  issue 8) EfficientNetV2-B0's step ran about 12%, the DCGAN step about 6% and
+  ResNet-18's 2-3% faster with one pool thread (no XLA fusion then runs beside a
+  convolution); but XLA's own fusions then run on one core, and the UNet step ran about
+  10% and EfficientNetV2-S's 5% slower. So the experiments ask for it per model
+  (`models.one_pool_thread`).
 
   Does nothing off Linux, under `CXRJAX_KEEP_XLA_FLAGS=1`, when the user set NPROC or
   PJRT_NPROC, with several forced CPU devices (oneDNN is not used there), or once JAX's

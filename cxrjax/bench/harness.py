@@ -580,17 +580,23 @@ def _random_images(batch: int, size: int, channels: int, seed: int = 0) -> np.nd
   return np.random.default_rng(seed).integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
 
 
+def model_name(case: str) -> str:
+  """The `config.model.name` (or generator) a benchmark case trains: 'resnet18' for both ResNet-18 sizes."""
+  return 'resnet18' if case.startswith('resnet18') else case
+
+
 def classifier_case(name: str, s: dict, convolution: str = 'auto') -> Case:
   """ResNet-18 or EfficientNetV2 training step (`classifier.make_train_step`)."""
   batch, size = s['batch'], s['image_size']
   conv_impl, conv_note = onednn.resolve(convolution)
   mc = config_lib.base_config().model
-  if name.startswith('resnet18'):
-    mc.name, mc.width, mc.stem = 'resnet18', s['width'], 'cifar'
+  mc.name = model_name(name)
+  if mc.name == 'resnet18':
+    mc.width, mc.stem = s['width'], 'cifar'
   else:
-    mc.name, mc.width_mult, mc.depth_mult = name, s['width'], s['depth']
+    mc.width_mult, mc.depth_mult = s['width'], s['depth']
   model = build_classifier(mc, 2, (size, size, 1), conv_impl)
-  tx = onednn.adam(1e-3, impl=onednn.resolve(convolution)[0])  # as the trainer: fused Adam on one CPU device
+  tx = onednn.adam(1e-3, impl=conv_impl)  # as the trainer: fused Adam on one CPU device
   loss_cfg = ml_collections.ConfigDict(dict(name='ce', focal_gamma=2.0, label_smoothing=0.0))
   images = _random_images(batch, size, 1)
   labels = (np.arange(batch) % 2).astype(np.int32)
@@ -1412,8 +1418,7 @@ def _worker(args, torch_threads: tuple[int, ...]) -> None:
     with open(result, 'a') as f:
       f.write(json.dumps(row) + '\n')
 
-  program = {'resnet18_28': 'resnet18', 'resnet18_64': 'resnet18'}.get(args.worker, args.worker)
-  if program in ONE_POOL_THREAD:  # as the experiment's command line runs it (`main.py`)
+  if model_name(args.worker) in ONE_POOL_THREAD:  # as the experiment's command line runs it (`main.py`)
     _xla_env.use_one_pool_thread()
   if args.worker == 'pipeline':
     _log('[pipeline]')
