@@ -44,6 +44,11 @@ SELECT_METRICS = (
 
 OPTIONAL_KEYS = ('quality.inception_weights',)
 
+KERNELS = ('auto', 'stock', 'cpu')  # config.kernels: see cxrjax.backends
+LEGACY_CONVOLUTION = {'auto': 'auto', 'cpu': 'onednn', 'stock': 'xla'}
+# Renamed keys: an override of the old name is refused with the new one.
+RENAMED_KEYS = {'convolution': 'kernels (auto, stock or cpu; was auto, xla or onednn)'}
+
 # Keys that change how a run is executed or logged but not what it computes;
 # they are left out of the config hash that guards a workdir.
 RUNTIME_KEYS = (
@@ -160,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.gan.latent_dim = 100
   c.gan.g_width = 64  # ngf
   c.gan.d_width = 64  # ndf
-  c.gan.upsample = 'transpose'  # 'transpose' (custom-VJP, fast on CPU), 'resize', 'transpose_xla'
+  c.gan.upsample = 'transpose'  # 'transpose' (4x4 stride-2 transposed convolutions) or 'resize'
   c.gan.d_norm = 'batch'  # 'batch' or 'none'
   c.gan.steps = 6000
   c.gan.batch_size = 64
@@ -217,11 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1 fills with the devices left over
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # parameters smaller than this stay replicated
-  # 'auto': cxrjax's CPU kernels (oneDNN convolutions and training BatchNorms, a fused Adam,
-  # a faster GroupNorm) on a single CPU device when the `onednn` extra is installed
-  # (cxrjax/ops/onednn.py; benchmark training steps 1.3-1.6x faster here than with XLA's
-  # kernels), XLA's otherwise; or 'onednn' (insist), 'xla' (XLA's and optax's own).
-  c.convolution = 'auto'
+  # Platform kernels (cxrjax.backends): 'auto' (the CPU backend's oneDNN kernels when the run is
+  # on one CPU device and the `onednn` extra can be built, stock otherwise), 'stock' (plain
+  # Flax/optax/XLA: what GPU/TPU run) or 'cpu' (insist). Same parameters and checkpoints either way.
+  c.kernels = 'auto'
   return c
 
 
@@ -290,6 +294,9 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     for p in parents:
       node = node.get(p, {})
     node.pop(leaf, None)
+  # `kernels` was `convolution` ('auto', 'onednn', 'xla'): hashed under the old name and value, so
+  # that workdirs made before the rename still resume.
+  d['convolution'] = LEGACY_CONVOLUTION[d.pop('kernels')]
   blob = json.dumps(d, sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -375,7 +382,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'model.name', MODELS)
   _one_of(config, 'model.stem', ('auto', 'cifar', 'imagenet'))
   _one_of(config, 'model.dtype', ('float32', 'bfloat16'))
-  _one_of(config, 'convolution', ('auto', 'onednn', 'xla'))
+  _one_of(config, 'kernels', KERNELS)
   _one_of(config, 'optim.name', OPTIMIZERS)
   _one_of(config, 'optim.schedule', SCHEDULES)
   _one_of(config, 'loss.name', LOSSES)
@@ -407,7 +414,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   t = config.rebalance.target_ratio
   _require(0 < t <= 1, 'rebalance.target_ratio', t, 'a minority:majority ratio in (0, 1]')
 
-  _one_of(config, 'gan.upsample', ('transpose', 'resize', 'transpose_xla'))
+  _one_of(config, 'gan.upsample', ('transpose', 'resize'))
   _one_of(config, 'gan.d_norm', ('batch', 'none'))
   _require(0 < config.gan.alpha < 1, 'gan.alpha', config.gan.alpha, 'a probability in (0, 1)')
   for op in [p for p in config.gan.diffaugment.split(',') if p]:

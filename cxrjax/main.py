@@ -8,6 +8,10 @@ Multi-host: `--distributed` (or CXRJAX_DISTRIBUTED=1) calls
 under Slurm; for N processes on one machine give `--coordinator=host:port
 --num_processes=N --process_id=i` (see launch/local_multiprocess.sh).
 
+Before any JAX work the entry point picks the platform backend from
+`config.kernels` (`cxrjax.backends`), lets it configure the process, and turns on
+JAX's compilation cache (`--compilation_cache`); the backend is passed to the trainer.
+
 Problems the user can fix end the run with one line on stderr (after a blank
 line), `cxrjax: error: ...`, and exit status 2.
 """
@@ -22,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cxrjax import _xla_env  # importing the package sets XLA flags before JAX starts
+from cxrjax.entry import DEFAULT_COMPILATION_CACHE
 from cxrjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:profile]).')
@@ -32,6 +36,9 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (with --distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')
+_COMPILATION_CACHE = flags.DEFINE_string(
+  'compilation_cache', DEFAULT_COMPILATION_CACHE, "JAX's persistent compilation cache folder ('' turns it off)."
+)
 
 
 def fail(message: str) -> None:
@@ -61,6 +68,13 @@ def _config_keys(config, prefix: str = '') -> list[str]:
   return keys
 
 
+def _refuse_renamed(key: str) -> None:
+  from cxrjax.config_lib import RENAMED_KEYS  # noqa: PLC0415 - after flags, so errors are one line
+
+  if key in RENAMED_KEYS:
+    fail(f'--config.{key}: this key was renamed; use --config.{RENAMED_KEYS[key]}')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors and exit status 2 (absl would exit 1 with usage)."""
   try:
@@ -69,6 +83,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     name = getattr(e, 'flagname', '') or str(e)
     if name.startswith('config.'):
       key = name[len('config.') :]
+      _refuse_renamed(key)
       hint = ''
       try:
         known = _config_keys(flags.FLAGS['config'].value)
@@ -81,6 +96,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:
     # ml_collections raises these (not flags.Error) for --config.<unknown key>.
     overrides = [a.split('=', 1)[0][len('--config.') :] for a in argv if a.startswith('--config.')]
+    for key in overrides:
+      _refuse_renamed(key)
     text = str(e)
     key = next((k for k in overrides if repr(k.split('.')[-1]) in text or k.split('.')[-1] in text), None)
     key = key or (overrides[0] if overrides else '?')
@@ -132,11 +149,8 @@ def main(argv: list[str]) -> None:
   # file it renames) would bury them. --verbosity=0 brings it back.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from cxrjax import config_lib  # noqa: PLC0415 - after flags, so errors are one line
-  from cxrjax.models import one_pool_thread  # noqa: PLC0415
+  from cxrjax import config_lib, entry  # noqa: PLC0415 - after flags, so errors are one line
   from cxrjax.trainers import TRAINERS  # noqa: PLC0415
-
-  maybe_initialize_distributed()
 
   try:
     if _CONFIG.value is None:
@@ -147,17 +161,16 @@ def main(argv: list[str]) -> None:
     except (OSError, AttributeError, ImportError, SyntaxError) as e:
       raise UserError(f'--config={flags.FLAGS["config"].serialize()}: {e}') from e
     config = config_lib.finalize(config)
-    if one_pool_thread(config) and not _distributed():
-      _xla_env.use_one_pool_thread()  # before JAX's CPU client starts (the trainer starts it)
+    # Before any JAX work: the CPU backend sets XLA flags and malloc, and may restart the process.
+    backend = entry.start(config, distributed=_distributed(), compilation_cache=_COMPILATION_CACHE.value)
+    maybe_initialize_distributed()
     workdir = _WORKDIR.value or _workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
-    TRAINERS[config.trainer](config, workdir)
+    TRAINERS[config.trainer](config, workdir, backend)
   except UserError as e:
     fail(str(e))
 
 
 def run() -> None:
-  # First, while nothing has started: restart with the block cache for XLA's scratch buffers.
-  _xla_env.reexec_with_block_cache()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -8,7 +8,8 @@
 # jax.distributed.initialize(), which finds the coordinator on TPU VMs by itself.
 # Grain gives each process its rows of every global batch; orbax checkpoints are
 # written by all processes to the shared workdir (use a gs:// bucket or a shared
-# filesystem). Set RUNTIME (TPU software version) and REPO (git URL) as needed.
+# filesystem). JAX_PLATFORMS=tpu: the stock backend (plain Flax/optax/XLA) runs.
+# Set RUNTIME (TPU software version) and REPO (git URL) as needed.
 set -euo pipefail
 NAME="${1:?NAME}"; ZONE="${2:?ZONE}"; ACCEL="${3:?ACCELERATOR e.g. v4-32}"; shift 3
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
@@ -20,9 +21,9 @@ if ! gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" >/dev/null 2>&1;
 fi
 
 SETUP="set -e; [ -d cxrjax ] || git clone $REPO cxrjax; cd cxrjax; python3 -m venv .venv;
-.venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+.venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$SETUP"
 
 ARGS=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all \
-  --command "cd cxrjax && CXRJAX_DISTRIBUTED=1 .venv/bin/python -m $MODULE --distributed $ARGS"
+  --command "cd cxrjax && JAX_PLATFORMS=tpu CXRJAX_DISTRIBUTED=1 .venv/bin/python -m $MODULE --distributed $ARGS"

@@ -1,4 +1,10 @@
-"""Run in a subprocess with 8 forced CPU devices: sharded vs single-device classifier steps.
+"""Run in a subprocess with 8 forced CPU devices: sharded vs single-device training steps.
+
+Both sides use the stock layers (the same kernels), in float64: sharding changes only
+the order of reductions (BatchNorm statistics, gradient all-reduces), whose rounding in
+float64 is ~1e-16 relative, so any difference above the tolerance is a sharding error
+(per-shard statistics, a missing all-reduce), not arithmetic. Models cast their outputs
+to float32, so losses carry float32 rounding of values that agree to ~1e-15.
 
 Prints one JSON line: per mesh, the losses of each step and the final parameters' max
 abs difference from the single-device run.
@@ -13,22 +19,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import cxrjax  # noqa: F401
-from cxrjax import _xla_env, config_lib
+from cxrjax import config_lib
 from cxrjax import mesh as mesh_lib
 from cxrjax.models import resnet
+from cxrjax.models.dcgan import Discriminator, Generator
 from cxrjax.trainers import classifier, gan
+
+jax.config.update('jax_enable_x64', True)
+
+
+def float64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def run(mesh_shape, images, labels, steps, fsdp_min_size, devices):
   mesh = mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict(dict(data=mesh_shape[0], fsdp=mesh_shape[1])), devices)
-  model = resnet.resnet18(2, width=8, stem='cifar')
+  model = resnet.resnet18(2, width=8, stem='cifar', dtype=jnp.float64)
   tx = optax.sgd(0.01, momentum=0.9)
   cfg = config_lib.base_config().loss
-  init = lambda rng: classifier.create_state(model, tx, images.shape[1:], rng)  # noqa: E731
+  init = lambda rng: float64(classifier.create_state(model, tx, images.shape[1:], rng))  # noqa: E731
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
-  state = jax.jit(init, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())(jax.random.key(0))
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
   step_fn = jax.jit(
     classifier.make_train_step(model, tx, cfg),
     in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
@@ -52,27 +64,32 @@ def run_gan(mesh_shape, images, labels, steps, fsdp_min_size, devices):
   cfg.trainer = 'gan'
   cfg.gan.conditional = True
   cfg = config_lib.finalize(cfg)
-  gen, disc = gan.build(cfg, 1, 2)
+  g = cfg.gan
+  gen = Generator(image_size=28, channels=1, latent_dim=g.latent_dim, base_width=g.g_width, num_classes=2,
+                  dtype=jnp.float64)  # fmt: skip
+  disc = Discriminator(image_size=28, channels=1, base_width=g.d_width, num_classes=2, norm=g.d_norm, dtype=jnp.float64)
   g_tx, d_tx = optax.sgd(0.01), optax.sgd(0.01)
 
   def init():
     y = jnp.zeros((2,), jnp.int32)
     gv = gen.init(jax.random.key(0), jnp.zeros((2, cfg.gan.latent_dim)), y, train=False)
     dv = disc.init(jax.random.key(1), jnp.zeros((2, 28, 28, 1)), y, train=False)
-    return gan.GANState(
-      step=jnp.zeros((), jnp.int32),
-      g_params=gv['params'],
-      g_stats=gv['batch_stats'],
-      d_params=dv['params'],
-      d_stats=dv.get('batch_stats', {}),
-      g_opt=g_tx.init(gv['params']),
-      d_opt=d_tx.init(dv['params']),
-      g_ema={'params': gv['params'], 'batch_stats': gv['batch_stats']},
+    return float64(
+      gan.GANState(
+        step=jnp.zeros((), jnp.int32),
+        g_params=gv['params'],
+        g_stats=gv['batch_stats'],
+        d_params=dv['params'],
+        d_stats=dv.get('batch_stats', {}),
+        g_opt=g_tx.init(gv['params']),
+        d_opt=d_tx.init(dv['params']),
+        g_ema={'params': gv['params'], 'batch_stats': gv['batch_stats']},
+      )
     )
 
   abstract = jax.eval_shape(init)
   state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
-  state = jax.jit(init, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())()
+  state = jax.jit(init, out_shardings=state_sh)()
   step_fn = jax.jit(
     gan.make_gan_step(gen, disc, g_tx, d_tx, cfg, 2),
     in_shardings=(state_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),

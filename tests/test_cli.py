@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from cxrjax import _xla_env
+from cxrjax.backends.cpu import process
 
 from conftest import run_cli
 
@@ -28,12 +28,16 @@ def assert_outputs(workdir):
       for key in METRIC_KEYS:
         assert key in m[split][thr], (split, thr, key)
   assert m['run']['versions']['jax']
-  assert m['run']['malloc'].startswith(('glibc', 'unchanged'))  # what cxrjax._xla_env did to malloc
-  # The generator steps' per-program XLA options (CPU: YNN's elementwise fusion off), recorded with the flags.
-  assert m['run']['generator_step_xla_options'] == _xla_env.compiler_options(fuse_elementwise=False)
-  # The classifier step's: these runs train ResNet-18, which keeps YNN's elementwise fusion (the flags alone).
-  assert m['run']['classifier_step_xla_options'] is None
-  assert m['run']['xla_cpu_pool'] == 'one XLA thread (NPROC=1, set by cxrjax)'  # asked for by ResNet-18's runs
+  # One CPU device and the `onednn` extra installed (the test command installs it): the CPU backend.
+  backend = m['run']['backend']
+  assert backend['kernels'] == 'cpu', backend
+  assert backend['process']['malloc'].startswith(('glibc', 'unchanged'))  # what the CPU backend did to malloc
+  for flag in process.CPU_FLAGS:
+    assert flag in backend['process']['xla_flags'] and flag in m['run']['xla_flags']
+  # Per-program XLA options: ResNet-18's step keeps YNN's elementwise fusion (the flags alone), the
+  # initialization programs compile at optimization level 1.
+  assert backend['compile_options'] == {'init': process.INIT_OPTIONS, 'resnet18': None}
+  assert backend['process']['xla_cpu_pool'] == 'one XLA thread (NPROC=1)'  # asked for by ResNet-18's runs
   assert m['run']['seed'] == 0
   assert m['train']['wall_time_s'] > 0
   return m
@@ -49,14 +53,15 @@ def test_smoke_baseline_on_pneumoniamnist(tmp_path):
   assert m['data']['counts']['trained_on'] == m['data']['counts']['train_imbalanced']
   assert 'PHANTOM' not in (wd / 'report.md').read_text()
   assert 'pneumoniamnist.npz' in r.stderr  # the banner names the data
-  if m['run']['malloc'].startswith('glibc'):  # and the malloc setting that trades memory for speed
-    assert f'malloc: {m["run"]["malloc"]}' in r.stderr
-    # The command restarted itself with the block cache preloaded (tests/test_block_cache.py).
+  malloc = m['run']['backend']['process']['malloc']
+  if malloc.startswith('glibc'):  # and the malloc setting that trades memory for speed
+    assert f'malloc: {malloc}' in r.stderr
+    # The command restarted itself with the block cache preloaded (tests/test_cpu_process.py).
     if shutil.which('cc') or shutil.which('gcc'):
-      assert m['run']['malloc'].endswith("blocks >= 64 MB from cxrjax's block cache (LD_PRELOAD)"), m['run']
-  # One CPU device and the `onednn` extra installed: convolutions on oneDNN, said in both places.
-  assert m['run']['convolution'].startswith('oneDNN 3.'), m['run']['convolution']
-  assert f'convolutions: {m["run"]["convolution"]}' in r.stderr
+      assert malloc.endswith("blocks >= 64 MB from cxrjax's block cache (LD_PRELOAD)"), m['run']
+  # The kernels in use, said in both places.
+  assert m['run']['backend']['description'].startswith('cpu (oneDNN 3.'), m['run']['backend']
+  assert f'kernels: {m["run"]["backend"]["description"]}' in r.stderr
 
 
 def test_smoke_on_kermany_folder(tmp_path, chest_xray):

@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from cxrjax.models import efficientnet_v2 as effnet
 
-from conftest import init_variables, normal
+from conftest import normal
 
 
 def count(tree):
@@ -120,16 +119,3 @@ def test_adam_steps_lower_the_loss(tiny):
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
 
-
-@pytest.mark.parametrize('k,s,size', [(3, 1, 28), (3, 2, 28), (3, 2, 7), (5, 2, 32)])
-def test_depthwise_conv_equals_grouped_convolution(k, s, size):
-  x = normal(0, (2, size, size, 8))
-  m = effnet.DepthwiseConv(k, s)
-  v = init_variables(m, jax.random.key(1), x)
-  ref = nn.Conv(8, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, feature_group_count=8, use_bias=False)
-  f = lambda x, w: m.apply({'params': {'kernel': w}}, x).sum() ** 2  # noqa: E731
-  g = lambda x, w: ref.apply({'params': {'kernel': w}}, x).sum() ** 2  # noqa: E731
-  w = v['params']['kernel']
-  np.testing.assert_allclose(m.apply(v, x), ref.apply({'params': {'kernel': w}}, x), atol=2e-6)
-  for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(g, (0, 1))(x, w)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

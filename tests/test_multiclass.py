@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrjax import _xla_env
+from cxrjax.backends.cpu import process
 from cxrjax.data import phantom
 
 from conftest import run_cli
@@ -64,10 +64,10 @@ def test_four_class_folder_by_configuration_alone(tmp_path, four_class_folder):
   assert len(set(m['data']['counts']['trained_on'])) == 1  # oversampled to equal counts
   assert len(m['test']['threshold_0.5']['per_class']) == 4
   # EfficientNetV2's step compiles without YNN's elementwise fusion (ResNet-18's keeps it: test_cli.py).
-  assert m['run']['classifier_step_xla_options'] == _xla_env.compiler_options(fuse_elementwise=False)
+  assert m['run']['backend']['compile_options']['efficientnet_v2_b0'] == process.NO_ELEMENTWISE_YNN
   # And B0's runs ask for one XLA pool thread (many short oneDNN calls per step), before JAX starts.
-  assert m['run']['xla_cpu_pool'] == 'one XLA thread (NPROC=1, set by cxrjax)'
-  assert 'XLA CPU pool: one XLA thread' in r.stderr  # said in the banner too
+  assert m['run']['backend']['process']['xla_cpu_pool'] == 'one XLA thread (NPROC=1)'
+  assert 'xla_cpu_pool: one XLA thread' in r.stderr  # said in the banner too
 
 
 def test_four_class_folder_with_conditional_gan(tmp_path, four_class_folder):

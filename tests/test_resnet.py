@@ -1,6 +1,5 @@
 """ResNet-18: the published parameter count, shapes for both stems, width multiplier."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,19 +39,3 @@ def test_forward_shapes_and_cam_features():
   assert fmap.shape == (2, 4, 4, 64)  # 32 / 8 spatial, 8 * 8 channels
 
 
-def test_strided_conv_keeps_nn_conv_parameter_tree(monkeypatch):
-  """Checkpoints from before StridedConv (nn.Conv everywhere) must load unchanged: same paths, shapes, init."""
-
-  def plain_conv(features, k, dtype, kernel_init, name, conv_impl='xla'):
-    del conv_impl  # stock nn.Conv
-    pad = ((k // 2, k // 2),) * 2
-    return nn.Conv(features, (k, k), 2, padding=pad, use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name)
-
-  x = jnp.zeros((1, 28, 28, 1))
-  ours = init_variables(resnet.resnet18(2, width=8), jax.random.key(0), x)
-  monkeypatch.setattr(resnet, 'StridedConv', plain_conv)
-  plain = init_variables(resnet.resnet18(2, width=8), jax.random.key(0), x)
-  assert jax.tree.structure(ours) == jax.tree.structure(plain)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
-    np.testing.assert_array_equal(a, b)
-  assert 'Conv_0' in ours['params']['stage2_block1'] and 'proj_conv' in ours['params']['stage2_block1']

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxrjax.models.layers import STOCK, Layers
 from cxrjax.models.unet import AttentionBlock, ResBlock, conv3x3, group_norm, upsample_nearest
 
 # LDM's DiagonalGaussianDistribution clamps log-variances to this range so exp() stays finite.
@@ -35,21 +36,22 @@ class Encoder(nn.Module):
   mid_attention: bool
   num_heads: int
   dtype: jnp.dtype
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x):
-    h = conv3x3(self.base_channels, self.dtype, name='conv_in')(x.astype(self.dtype))
+    h = conv3x3(self.base_channels, self.dtype, name='conv_in', layers=self.layers)(x.astype(self.dtype))
     for level, mult in enumerate(self.channel_mults):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.base_channels * mult, dtype=self.dtype, name=f'down{level}_res{i}')(h)
+        h = ResBlock(self.base_channels * mult, dtype=self.dtype, layers=self.layers, name=f'down{level}_res{i}')(h)
       if level != len(self.channel_mults) - 1:
-        h = conv3x3(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample')(h)
-    h = ResBlock(h.shape[-1], dtype=self.dtype, name='mid_res0')(h)
+        h = conv3x3(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample', layers=self.layers)(h)
+    h = ResBlock(h.shape[-1], dtype=self.dtype, layers=self.layers, name='mid_res0')(h)
     if self.mid_attention:
-      h = AttentionBlock(self.num_heads, self.dtype, name='mid_attn')(h)
-      h = ResBlock(h.shape[-1], dtype=self.dtype, name='mid_res1')(h)
-    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out')(h))
-    h = conv3x3(2 * self.latent_channels, self.dtype, name='conv_out')(h).astype(jnp.float32)
+      h = AttentionBlock(self.num_heads, self.dtype, self.layers, name='mid_attn')(h)
+      h = ResBlock(h.shape[-1], dtype=self.dtype, layers=self.layers, name='mid_res1')(h)
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out', layers=self.layers)(h))
+    h = conv3x3(2 * self.latent_channels, self.dtype, name='conv_out', layers=self.layers)(h).astype(jnp.float32)
     mean, logvar = jnp.split(h, 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
@@ -64,21 +66,24 @@ class Decoder(nn.Module):
   mid_attention: bool
   num_heads: int
   dtype: jnp.dtype
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, z):
-    h = conv3x3(self.base_channels * self.channel_mults[-1], self.dtype, name='conv_in')(z.astype(self.dtype))
-    h = ResBlock(h.shape[-1], dtype=self.dtype, name='mid_res0')(h)
+    h = conv3x3(self.base_channels * self.channel_mults[-1], self.dtype, name='conv_in', layers=self.layers)(
+      z.astype(self.dtype)
+    )
+    h = ResBlock(h.shape[-1], dtype=self.dtype, layers=self.layers, name='mid_res0')(h)
     if self.mid_attention:
-      h = AttentionBlock(self.num_heads, self.dtype, name='mid_attn')(h)
-      h = ResBlock(h.shape[-1], dtype=self.dtype, name='mid_res1')(h)
+      h = AttentionBlock(self.num_heads, self.dtype, self.layers, name='mid_attn')(h)
+      h = ResBlock(h.shape[-1], dtype=self.dtype, layers=self.layers, name='mid_res1')(h)
     for level, mult in reversed(list(enumerate(self.channel_mults))):
       for i in range(self.num_res_blocks + 1):
-        h = ResBlock(self.base_channels * mult, dtype=self.dtype, name=f'up{level}_res{i}')(h)
+        h = ResBlock(self.base_channels * mult, dtype=self.dtype, layers=self.layers, name=f'up{level}_res{i}')(h)
       if level != 0:
-        h = conv3x3(h.shape[-1], self.dtype, name=f'up{level}_upsample')(upsample_nearest(h))
-    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out')(h))
-    return conv3x3(self.out_channels, self.dtype, name='conv_out')(h).astype(jnp.float32)
+        h = conv3x3(h.shape[-1], self.dtype, name=f'up{level}_upsample', layers=self.layers)(upsample_nearest(h))
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out', layers=self.layers)(h))
+    return conv3x3(self.out_channels, self.dtype, name='conv_out', layers=self.layers)(h).astype(jnp.float32)
 
 
 class KLAutoencoder(nn.Module):
@@ -100,6 +105,7 @@ class KLAutoencoder(nn.Module):
       matrix per head and example, which is too slow on CPU.
     num_heads: heads of the middle attention.
     dtype: compute dtype (parameters stay float32, outputs are float32).
+    layers: the convolution and GroupNorm constructors.
   """
 
   in_channels: int
@@ -110,6 +116,7 @@ class KLAutoencoder(nn.Module):
   mid_attention: bool = False
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  layers: Layers = STOCK
 
   @property
   def downsampling_factor(self) -> int:
@@ -131,6 +138,7 @@ class KLAutoencoder(nn.Module):
       mid_attention=self.mid_attention,
       num_heads=self.num_heads,
       dtype=self.dtype,
+      layers=self.layers,
     )
     self.encoder = Encoder(latent_channels=self.latent_channels, **common)
     self.decoder = Decoder(out_channels=self.in_channels, **common)

@@ -13,14 +13,9 @@ embedding (size `latent_dim`) to z; the discriminator is a projection
 discriminator (Miyato & Koyama 2018), logit = <w + V[y], phi(x)> with phi(x)
 the flattened last feature map that the unconditional head reads.
 
-Stride-2 layers default to the custom-VJP convolutions of
-`cxrjax.models.upsample`: with stock `nn.ConvTranspose` XLA's CPU backend
-emits `lhs_dilation` convolutions whose backward pass is 25-35x slower per
-layer, which makes a whole 64-px training step about 6x slower (numbers in
-`cxrjax.bench.dcgan_upsampling`). `upsample='transpose'` is the default
-because it was the fastest in every run: 64 px, batch 128, 2 shared CPU
-cores, median of 5 runs 52 images/s against 39 for 'resize' and 8 for
-'transpose_xla' (28 px: 690, 513, 193).
+Convolutions, transposed convolutions and BatchNorms come from `layers`
+(`cxrjax.models.layers`); the stride-2 layers have PyTorch's semantics and kernel
+layouts as documented in `cxrjax.models.layers.ConvTranspose2x` and `Project`.
 """
 
 from __future__ import annotations
@@ -31,13 +26,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
-from cxrjax.models.norm import BatchNorm
-from cxrjax.models.upsample import Conv2x, ConvTranspose2x, Project, dcgan_init
-from cxrjax.ops import onednn
+from cxrjax.models.layers import STOCK, Layers, dcgan_init
 
-UPSAMPLE_MODES = ('transpose', 'resize', 'transpose_xla')
-DOWNSAMPLE_MODES = ('fast', 'xla')
+UPSAMPLE_MODES = ('transpose', 'resize')
 NORMS = ('batch', 'none')
 
 
@@ -64,11 +57,44 @@ def resolution_plan(image_size: int) -> tuple[int, int]:
   raise ValueError(f'image_size must be 4 * 2**n or 7 * 2**n (28, 32, 64, 128, ...), got {image_size}')
 
 
-def _norm(train: bool, dtype, name: str, impl: str, relu: bool = False):
-  return BatchNorm(
+def _norm(layers: Layers, train: bool, dtype, name: str, relu: bool = False):
+  return layers.batch_norm(
     use_running_average=not train, momentum=0.9, epsilon=1e-5, scale_init=_bn_scale_init, dtype=dtype, name=name,
-    relu=relu, impl=impl,
+    relu=relu,
   )  # fmt: skip
+
+
+class Project(nn.Module):
+  """A vector to a `size x size` map: PyTorch's `ConvTranspose2d(in, features, size, 1, 0)` on a 1x1 input.
+
+  A dense layer with its kernel kept as `[in, size, size, features]`
+  (PyTorch weight `.transpose(0, 2, 3, 1)`), so parameter counts and layouts
+  match DCGAN's first layer. Used for the 4x4 start and the 7x7 start of
+  28-px generators.
+
+  Attributes:
+    features: channels of the output map.
+    size: height and width of the output map.
+    use_bias: add a per-channel bias.
+    dtype: compute dtype (parameters stay float32).
+    kernel_init: initialiser of the kernel (DCGAN's N(0, 0.02) by default).
+  """
+
+  features: int
+  size: int
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Any = dcgan_init
+
+  @nn.compact
+  def __call__(self, z):
+    z = z.reshape(z.shape[0], -1)
+    shape = (z.shape[-1], self.size, self.size, self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+    z, kernel, bias = promote_dtype(z, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum('bi,ihwo->bhwo', z, kernel)
+    return y if bias is None else y + bias
 
 
 def _check_labels(num_classes: int, labels, batch: int):
@@ -95,13 +121,11 @@ class Generator(nn.Module):
     base_width: channels before the last block (ngf).
     num_classes: 0 for an unconditional generator; otherwise a label embedding
       of size `latent_dim` is concatenated to z.
-    upsample: 'transpose' (4x4 stride-2 transposed convolutions with the fast
-      custom VJP of `ConvTranspose2x`, as in DCGAN), 'resize' (nearest 2x then
-      3x3 convolution: no checkerboard artefacts, 9/16 of the parameters per
-      block) or 'transpose_xla' (stock `nn.ConvTranspose`, same function with
-      a spatially flipped kernel; slow to train on CPU, kept as the reference).
+    upsample: 'transpose' (4x4 stride-2 transposed convolutions, as in DCGAN)
+      or 'resize' (nearest 2x then 3x3 convolution: no checkerboard artefacts,
+      9/16 of the parameters per block).
     dtype: compute dtype (parameters stay float32; images come out float32).
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
+    layers: the convolution, transposed convolution and BatchNorm constructors.
   """
 
   image_size: int = 64
@@ -111,21 +135,14 @@ class Generator(nn.Module):
   num_classes: int = 0
   upsample: str = 'transpose'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   def _up_layer(self, features: int, name: str):
     if self.upsample == 'transpose':
-      return ConvTranspose2x(features, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
-    if self.upsample == 'transpose_xla':
-      # Torch's padding 1 for a 4x4 kernel is 4 - 1 - 1 = 2 on the dilated input.
-      return nn.ConvTranspose(
-        features, (4, 4), (2, 2), padding=((2, 2), (2, 2)), use_bias=False, kernel_init=dcgan_init,
-        dtype=self.dtype, name=name,
-      )  # fmt: skip
-    conv = nn.Conv(
-      features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype,
-      conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name=name,
-    )  # fmt: skip
+      return self.layers.conv_transpose_2x(features, dtype=self.dtype, name=name)
+    conv = self.layers.conv(
+      features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype, name=name
+    )
 
     def resize_conv(x):
       b, h, w, c = x.shape
@@ -146,13 +163,13 @@ class Generator(nn.Module):
       z = jnp.concatenate([z, embed(labels)], axis=-1)
     width = self.base_width * 2 ** (n - 1)
     x = Project(width, start, dtype=self.dtype, name='project')(z)
-    x = _norm(train, self.dtype, 'project_bn', self.conv_impl, relu=True)(x)
+    x = _norm(self.layers, train, self.dtype, 'project_bn', relu=True)(x)
     for i in range(1, n + 1):
       last = i == n
       width //= 2
       x = self._up_layer(self.channels if last else width, f'up{i}')(x)
       if not last:
-        x = _norm(train, self.dtype, f'up{i}_bn', self.conv_impl, relu=True)(x)
+        x = _norm(self.layers, train, self.dtype, f'up{i}_bn', relu=True)(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -177,11 +194,8 @@ class Discriminator(nn.Module):
     base_width: channels of the first convolution (ndf).
     num_classes: 0 unconditional; otherwise logit += <embed(y), phi(x)>.
     norm: 'batch' (DCGAN) or 'none'.
-    downsample: 'fast' (`Conv2x`: its input gradient avoids XLA's slow
-      `lhs_dilation` convolution on CPU) or 'xla' (stock `nn.Conv`); both
-      compute the same function with the same parameters.
     dtype: compute dtype (parameters stay float32; logits come out float32).
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
+    layers: the convolution and BatchNorm constructors.
   """
 
   image_size: int = 64
@@ -189,36 +203,31 @@ class Discriminator(nn.Module):
   base_width: int = 64
   num_classes: int = 0
   norm: str = 'batch'
-  downsample: str = 'fast'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, labels=None, train: bool = True):
     if self.norm not in NORMS:
       raise ValueError(f'norm must be one of {NORMS}, got {self.norm!r}')
-    if self.downsample not in DOWNSAMPLE_MODES:
-      raise ValueError(f'downsample must be one of {DOWNSAMPLE_MODES}, got {self.downsample!r}')
     start, n = resolution_plan(self.image_size)
     if x.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f'expected {self.image_size}x{self.image_size} images, got {x.shape}')
     _check_labels(self.num_classes, labels, x.shape[0])
     x = x.astype(self.dtype)
-    if self.downsample == 'fast':
-      down = functools.partial(Conv2x, dtype=self.dtype, conv_impl=self.conv_impl)
-    else:
-      down = functools.partial(
-        nn.Conv, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-        kernel_init=dcgan_init, dtype=self.dtype,
-      )  # fmt: skip
+    # PyTorch's Conv2d(4, stride=2, padding=1).
+    down = functools.partial(
+      self.layers.conv, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+      kernel_init=dcgan_init, dtype=self.dtype,
+    )  # fmt: skip
     for i in range(n):
       x = down(self.base_width * 2**i, name=f'down{i}')(x)
       if i > 0 and self.norm == 'batch':
-        x = _norm(train, self.dtype, f'down{i}_bn', self.conv_impl)(x)
+        x = _norm(self.layers, train, self.dtype, f'down{i}_bn')(x)
       x = nn.leaky_relu(x, 0.2)
-    head = nn.Conv(
+    head = self.layers.conv(
       1, (start, start), padding=((0, 0), (0, 0)), use_bias=False, kernel_init=dcgan_init, dtype=self.dtype,
-      conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name='head',
+      name='head',
     )  # fmt: skip
     logits = head(x).reshape(x.shape[0])
     if self.num_classes > 0:

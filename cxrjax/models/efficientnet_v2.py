@@ -39,8 +39,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxrjax.models.norm import BatchNorm
-from cxrjax.ops import onednn
+from cxrjax.models.layers import STOCK, Layers
 
 # The reference's initialisers (effnetv2_model.py): untruncated normal convolutions
 # with stddev sqrt(2 / fan_out), fan_out = kh * kw * out_filters, and a dense kernel
@@ -141,41 +140,6 @@ VARIANTS = {
 }
 
 
-class DepthwiseConv(nn.Module):
-  """A k x k depthwise convolution (zero padding k // 2, no bias).
-
-  Same parameter (`kernel`, [k, k, 1, C], Flax's depthwise layout) and result as
-  `nn.Conv(C, (k, k), feature_group_count=C)`. With `conv_impl='onednn'` (float32) it
-  is oneDNN's depthwise convolution; otherwise k*k shifted multiply-adds, because XLA's
-  CPU backend lowers grouped convolutions poorly: the elementwise form fuses and,
-  measured on a 3x3 layer at 32x32x96, batch 32, runs forward+backward about 3x faster.
-  """
-
-  kernel_size: int
-  strides: int = 1
-  dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, x):
-    k, s = self.kernel_size, self.strides
-    c = x.shape[-1]
-    w = self.param('kernel', depthwise_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
-    x = x.astype(self.dtype)
-    p = k // 2
-    if self.conv_impl == 'onednn' and x.dtype == jnp.float32:
-      return onednn.conv(x, w, (s, s), ((p, p), (p, p)), groups=c)
-    h, wd = x.shape[1], x.shape[2]
-    oh, ow = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    out = None
-    for i in range(k):
-      for j in range(k):
-        tap = xp[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :] * w[i, j, 0]
-        out = tap if out is None else out + tap
-    return out
-
-
 def round_filters(filters: int, multiplier: float, divisor: int = DEPTH_DIVISOR) -> int:
   """Scales a channel count and rounds it to the nearest multiple of `divisor`, at least `divisor`.
 
@@ -190,10 +154,9 @@ def round_repeats(repeats: int, multiplier: float) -> int:
   return int(math.ceil(multiplier * repeats))
 
 
-def _norm(train: bool, dtype, conv_impl: str):
-  # cxrjax's BatchNorm: flax's variables and arithmetic, on oneDNN in training when conv_impl='onednn'.
-  return functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                           dtype=dtype, impl=conv_impl)  # fmt: skip
+def _norm(layers: Layers, train: bool, dtype):
+  return functools.partial(layers.batch_norm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                           dtype=dtype)  # fmt: skip
 
 
 class MBConv(nn.Module):
@@ -209,7 +172,7 @@ class MBConv(nn.Module):
     fused: FusedMBConv instead of MBConv.
     drop_path_rate: probability of dropping the residual branch per sample in training.
     dtype: compute dtype.
-    conv_impl: 'xla' or 'onednn' for the convolutions and BatchNorms (see `EfficientNetV2`).
+    layers: the convolution and BatchNorm constructors (see `EfficientNetV2`).
   """
 
   in_filters: int
@@ -221,13 +184,12 @@ class MBConv(nn.Module):
   fused: bool
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                             conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl))  # fmt: skip
-    norm = _norm(train, self.dtype, self.conv_impl)
+    conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    norm = _norm(self.layers, train, self.dtype)
     k, s = (self.kernel, self.kernel), (self.stride, self.stride)
     pad = ((self.kernel // 2,) * 2,) * 2
     mid = self.in_filters * self.expand
@@ -238,7 +200,9 @@ class MBConv(nn.Module):
     else:
       if self.expand != 1:
         x = nn.silu(norm(name='expand_bn')(conv(mid, (1, 1), name='expand_conv')(x)))
-      x = DepthwiseConv(self.kernel, self.stride, self.dtype, self.conv_impl, name='depthwise_conv')(x)
+      depthwise = conv(x.shape[-1], k, s, padding=pad, feature_group_count=x.shape[-1], kernel_init=depthwise_init,
+                       name='depthwise_conv')  # fmt: skip
+      x = depthwise(x)
       x = nn.silu(norm(name='depthwise_bn')(x))
     if self.se_ratio:
       x = SqueezeExcite(max(1, int(self.in_filters * self.se_ratio)), self.dtype, name='se')(x)
@@ -295,10 +259,10 @@ class EfficientNetV2(nn.Module):
     dropout_rate: dropout before the classifier; None takes the variant's published
       rate (0.2 for B0, B1 and S, 0.3 for B2, B3 and M, 0.4 for L).
     dtype: compute dtype (parameters stay float32).
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn.resolve` picks it): the
-      convolutions (stem, expansions, depthwise, projections, head) and the BatchNorms
-      on oneDNN on one CPU device. Same parameters either way. The
-      squeeze-excitation's 1x1 convolutions on 1x1 maps stay XLA's.
+    layers: the constructors of the convolutions (stem, expansions, depthwise,
+      projections, head) and BatchNorms. Same parameters whichever a backend passes.
+      The squeeze-excitation's 1x1 convolutions on 1x1 maps, dense layers in
+      convolution form, are always `nn.Conv`.
   """
 
   num_classes: int
@@ -309,7 +273,7 @@ class EfficientNetV2(nn.Module):
   drop_path_rate: float = 0.2
   dropout_rate: float | None = None
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -318,13 +282,12 @@ class EfficientNetV2(nn.Module):
     stages, width_coefficient, depth_coefficient, variant_dropout = VARIANTS[self.variant]
     multiplier = width_coefficient * self.width
     dropout_rate = variant_dropout if self.dropout_rate is None else self.dropout_rate
-    norm = _norm(train, self.dtype, self.conv_impl)
-    conv_fn = onednn.conv_general_dilated_for(self.conv_impl)
+    norm = _norm(self.layers, train, self.dtype)
+    conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
 
     x = x.astype(self.dtype)
     s = (self.stem_stride, self.stem_stride)
-    x = nn.Conv(round_filters(stages[0].in_filters, multiplier), (3, 3), s, padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
+    x = conv(round_filters(stages[0].in_filters, multiplier), (3, 3), s, padding=((1, 1), (1, 1)), name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))
 
     repeats = [round_repeats(stage.repeats, depth_coefficient * self.depth) for stage in stages]
@@ -341,13 +304,12 @@ class EfficientNetV2(nn.Module):
           fused=stage.fused,
           drop_path_rate=self.drop_path_rate * index / num_blocks,
           dtype=self.dtype,
-          conv_impl=self.conv_impl,
+          layers=self.layers,
           name=f'stage{i + 1}_block{j + 1}',
         )(x, train)
         index += 1
 
-    x = nn.Conv(round_filters(HEAD_FEATURES, multiplier), (1, 1), use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, conv_general_dilated=conv_fn, name='head_conv')(x)  # fmt: skip
+    x = conv(round_filters(HEAD_FEATURES, multiplier), (1, 1), name='head_conv')(x)
     x = nn.silu(norm(name='head_bn')(x))
     # Grad-CAM reads the last feature map and its gradient from here.
     x = self.perturb('cam_features', x)
@@ -367,7 +329,7 @@ def efficientnet_v2(
   drop_path_rate: float = 0.2,
   dropout_rate: float | None = None,
   depth: float = 1.0,
-  conv_impl: str = 'xla',
+  layers: Layers = STOCK,
 ) -> EfficientNetV2:
   """An EfficientNetV2 classifier; see `EfficientNetV2` for the arguments."""
   return EfficientNetV2(
@@ -379,5 +341,5 @@ def efficientnet_v2(
     drop_path_rate=drop_path_rate,
     dropout_rate=dropout_rate,
     dtype=dtype,
-    conv_impl=conv_impl,
+    layers=layers,
   )

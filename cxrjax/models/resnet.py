@@ -4,9 +4,8 @@ With width 64, 1000 classes, 3 input channels and the ImageNet stem it has
 torchvision's 11,689,512 parameters (tested). The CIFAR stem (3x3 stride-1
 convolution, no max-pool) keeps resolution for 28-64 px images. Padding is
 explicit and symmetric, as in PyTorch, so shapes and numerics match the
-PyTorch baseline in `cxrjax.bench`. The stride-2 convolutions are
-`strided_conv.StridedConv` (same parameters and outputs as `nn.Conv`, a faster
-input gradient on CPU), so the network supports reverse-mode autodiff only.
+PyTorch baseline in `benchmarks/`. Every convolution and BatchNorm comes from
+`layers` (`cxrjax.models.layers`; a backend may pass its own).
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxrjax.models.norm import BatchNorm
-from cxrjax.models.strided_conv import StridedConv
-from cxrjax.ops import onednn
+from cxrjax.models.layers import STOCK, Layers
 
 # torchvision's initialisers: Kaiming-normal (fan_out) convolutions, and
 # PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -37,30 +34,22 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                             conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl))  # fmt: skip
-    strided = functools.partial(StridedConv, dtype=self.dtype, kernel_init=conv_init, conv_impl=self.conv_impl)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                             impl=self.conv_impl)  # fmt: skip
+    conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    norm = functools.partial(self.layers.batch_norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)  # fmt: skip
     s = (self.strides, self.strides)
-    if self.strides == 2:
-      # Same parameters and numbers as nn.Conv, with a faster input gradient on CPU
-      # (cxrjax/models/strided_conv.py); names kept so checkpoints do not change.
-      y = strided(self.filters, 3, name='Conv_0')(x)
-    else:
-      y = conv(self.filters, (3, 3), s, padding=_pad(3), name='Conv_0')(x)
+    # Explicit names: the checkpoint layout of the first releases.
+    y = conv(self.filters, (3, 3), s, padding=_pad(3), name='Conv_0')(x)
     y = norm(relu=True)(y)
     y = conv(self.filters, (3, 3), padding=_pad(3), name='Conv_1')(y)
     y = norm()(y)
     if x.shape[-1] != self.filters or self.strides != 1:
-      if self.strides == 2:
-        x = strided(self.filters, 1, name='proj_conv')(x)
-      else:
-        x = conv(self.filters, (1, 1), s, padding='VALID', name='proj_conv')(x)
+      # PyTorch's 1x1 stride-2 projection (padding 0) keeps every other pixel, as 'VALID' does.
+      x = conv(self.filters, (1, 1), s, padding='VALID', name='proj_conv')(x)
       x = norm(name='proj_bn')(x)
     return nn.relu(x + y)
 
@@ -74,8 +63,8 @@ class ResNet(nn.Module):
     stem: 'cifar' (3x3/1, no pool) or 'imagenet' (7x7/2 and 3x3/2 max-pool).
     stage_sizes: blocks per stage.
     dtype: compute dtype (parameters stay float32).
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn.resolve` picks it; same
-      parameters and checkpoints either way).
+    layers: the convolution and BatchNorm constructors (same parameters and
+      checkpoints whichever a backend passes).
   """
 
   num_classes: int
@@ -83,29 +72,26 @@ class ResNet(nn.Module):
   stem: str = 'cifar'
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
-    conv_fn = onednn.conv_general_dilated_for(self.conv_impl)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                             impl=self.conv_impl)  # fmt: skip
+    conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    norm = functools.partial(self.layers.batch_norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)  # fmt: skip
     if self.stem == 'imagenet':
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=_pad(7), use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
+      x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
       x = norm(relu=True, name='stem_bn')(x)
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=False, kernel_init=conv_init,
-                  dtype=self.dtype, conv_general_dilated=conv_fn, name='stem_conv')(x)  # fmt: skip
+      x = conv(self.width, (3, 3), padding=_pad(3), name='stem_conv')(x)
       x = norm(relu=True, name='stem_bn')(x)
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, strides, self.dtype, self.conv_impl, name=f'stage{i + 1}_block{j + 1}')(
-          x, train
-        )
+        block = BasicBlock(self.width * 2**i, strides, self.dtype, self.layers, name=f'stage{i + 1}_block{j + 1}')
+        x = block(x, train)
     # Grad-CAM reads the last feature map and its gradient from here.
     x = self.perturb('cam_features', x)
     self.sow('intermediates', 'cam_features', x)
@@ -115,6 +101,6 @@ class ResNet(nn.Module):
 
 
 def resnet18(
-  num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32, conv_impl: str = 'xla'
+  num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32, layers: Layers = STOCK
 ) -> ResNet:
-  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype, conv_impl=conv_impl)
+  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype, layers=layers)

@@ -5,8 +5,8 @@ blocks (GroupNorm, SiLU, 3x3 convolution) conditioned on the time + class
 embedding (as a scale and shift after GroupNorm, see `ResBlock`), self-attention at the lowest resolutions and in the
 middle, skip connections from every down-path block to the up path, strided
 3x3 convolutions to downsample and nearest-neighbour upsampling + convolution
-to upsample. Transposed convolutions are avoided on purpose: XLA's CPU
-lowering of them is very slow.
+to upsample (no transposed convolutions, as in LDM). Convolutions and GroupNorms
+come from `layers` (`cxrjax.models.layers`).
 
 The class embedding has `num_classes + 1` rows; the last (index `num_classes`)
 is the null label of classifier-free guidance (see `cxrjax.diffusion`).
@@ -27,8 +27,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cxrjax.models.norm import GroupNorm
-from cxrjax.ops import onednn
+from cxrjax.models.layers import STOCK, Layers
 
 # PyTorch's default Conv2d / Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which LDM uses.
 torch_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -43,16 +42,15 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return groups
 
 
-def group_norm(channels: int, dtype, name: str | None = None, impl: str = 'xla') -> nn.GroupNorm:
-  # impl='onednn' (cxrjax's CPU kernels): the same function, reduced in an order XLA's CPU backend runs faster.
-  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name, impl=impl)
+def group_norm(channels: int, dtype, name: str | None = None, layers: Layers = STOCK) -> nn.Module:
+  return layers.group_norm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
 
 
 def conv3x3(features: int, dtype, strides: int = 1, kernel_init=torch_init, name: str | None = None,
-            conv_impl: str = 'xla') -> nn.Conv:  # fmt: skip
+            layers: Layers = STOCK) -> nn.Module:  # fmt: skip
   # Explicit symmetric padding, as PyTorch's padding=1: 'SAME' pads asymmetrically for stride 2.
-  return nn.Conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), kernel_init=kernel_init,
-                 dtype=dtype, conv_general_dilated=onednn.conv_general_dilated_for(conv_impl), name=name)  # fmt: skip
+  return layers.conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), kernel_init=kernel_init,
+                     dtype=dtype, name=name)  # fmt: skip
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -80,29 +78,28 @@ class ResBlock(nn.Module):
     features: output channels.
     dropout: dropout rate before the second convolution.
     dtype: compute dtype.
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`).
+    layers: the convolution and GroupNorm constructors.
   """
 
   features: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x, emb=None, train: bool = False):
-    h = nn.silu(group_norm(x.shape[-1], self.dtype, name='norm1', impl=self.conv_impl)(x))
-    h = conv3x3(self.features, self.dtype, name='conv1', conv_impl=self.conv_impl)(h)
-    h = group_norm(self.features, self.dtype, name='norm2', impl=self.conv_impl)(h)
+    h = nn.silu(group_norm(x.shape[-1], self.dtype, name='norm1', layers=self.layers)(x))
+    h = conv3x3(self.features, self.dtype, name='conv1', layers=self.layers)(h)
+    h = group_norm(self.features, self.dtype, name='norm2', layers=self.layers)(h)
     if emb is not None:
       e = nn.Dense(2 * self.features, kernel_init=torch_init, dtype=self.dtype, name='emb_proj')(nn.silu(emb))
       scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
       h = h * (1 + scale) + shift
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(self.features, self.dtype, kernel_init=zeros_init, name='conv2', conv_impl=self.conv_impl)(h)
+    h = conv3x3(self.features, self.dtype, kernel_init=zeros_init, name='conv2', layers=self.layers)(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), kernel_init=torch_init, dtype=self.dtype,
-                  conv_general_dilated=onednn.conv_general_dilated_for(self.conv_impl), name='skip')(x)  # fmt: skip
+      x = self.layers.conv(self.features, (1, 1), kernel_init=torch_init, dtype=self.dtype, name='skip')(x)
     return x + h
 
 
@@ -112,19 +109,19 @@ class AttentionBlock(nn.Module):
   Attributes:
     num_heads: attention heads; must divide the channel count.
     dtype: compute dtype.
-    conv_impl: 'xla' or 'onednn' (for its GroupNorm; see `group_norm`).
+    layers: the GroupNorm constructor.
   """
 
   num_heads: int = 4
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'{self.num_heads} heads do not divide {c} channels')
-    y = group_norm(c, self.dtype, name='norm', impl=self.conv_impl)(x).reshape(b, h * w, c)
+    y = group_norm(c, self.dtype, name='norm', layers=self.layers)(x).reshape(b, h * w, c)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       qkv_features=c,
@@ -160,7 +157,7 @@ class UNet(nn.Module):
     num_heads: attention heads (must divide the width of attended levels).
     dropout: dropout rate in residual blocks (active with `train=True`, rng 'dropout').
     dtype: compute dtype (parameters stay float32, the output is float32).
-    conv_impl: 'xla' or 'onednn' (`cxrjax.ops.onednn`; same parameters either way).
+    layers: the convolution and GroupNorm constructors (same parameters whichever a backend passes).
   """
 
   out_channels: int
@@ -172,7 +169,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = 'xla'
+  layers: Layers = STOCK
 
   def _attention_levels(self) -> set[int]:
     n = len(self.channel_mults)
@@ -191,8 +188,8 @@ class UNet(nn.Module):
     if height % factor or width % factor:
       raise ValueError(f'latent size {height}x{width} is not divisible by the downsampling factor {factor}')
     attn_levels = self._attention_levels()
-    res = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype, conv_impl=self.conv_impl)
-    conv = functools.partial(conv3x3, conv_impl=self.conv_impl)
+    res = functools.partial(ResBlock, dropout=self.dropout, dtype=self.dtype, layers=self.layers)
+    conv = functools.partial(conv3x3, layers=self.layers)
 
     emb_dim = 4 * self.base_channels
     emb = timestep_embedding(t, self.base_channels)
@@ -210,14 +207,14 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks):
         h = res(self.base_channels * mult, name=f'down{level}_res{i}')(h, emb, train)
         if level in attn_levels:
-          h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name=f'down{level}_attn{i}')(h)
+          h = AttentionBlock(self.num_heads, self.dtype, self.layers, name=f'down{level}_attn{i}')(h)
         skips.append(h)
       if level != len(self.channel_mults) - 1:
         h = conv(h.shape[-1], self.dtype, strides=2, name=f'down{level}_downsample')(h)
         skips.append(h)
 
     h = res(h.shape[-1], name='mid_res0')(h, emb, train)
-    h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name='mid_attn')(h)
+    h = AttentionBlock(self.num_heads, self.dtype, self.layers, name='mid_attn')(h)
     h = res(h.shape[-1], name='mid_res1')(h, emb, train)
 
     for level, mult in reversed(list(enumerate(self.channel_mults))):
@@ -225,11 +222,11 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = res(self.base_channels * mult, name=f'up{level}_res{i}')(h, emb, train)
         if level in attn_levels:
-          h = AttentionBlock(self.num_heads, self.dtype, self.conv_impl, name=f'up{level}_attn{i}')(h)
+          h = AttentionBlock(self.num_heads, self.dtype, self.layers, name=f'up{level}_attn{i}')(h)
       if level != 0:
         h = conv(h.shape[-1], self.dtype, name=f'up{level}_upsample')(upsample_nearest(h))
     assert not skips
 
-    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out', impl=self.conv_impl)(h))
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, name='norm_out', layers=self.layers)(h))
     h = conv(self.out_channels, self.dtype, kernel_init=zeros_init, name='conv_out')(h)
     return h.astype(jnp.float32)

@@ -22,16 +22,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from cxrjax import _xla_env, checkpoint, config_lib, faults, fileio, losses, progress
+from cxrjax import checkpoint, config_lib, faults, fileio, losses, progress
 from cxrjax import mesh as mesh_lib
+from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
 from cxrjax.data.augment import AugmentParams
 from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
-from cxrjax.models import build_classifier, classifier_step_options
-from cxrjax.ops import onednn
+from cxrjax.models import build_classifier
 from cxrjax.trainers import common
 
 
@@ -157,12 +157,13 @@ def _select_value(m: dict, key: str) -> float:
   return -v if key == 'loss' else v
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backend: Backend | None = None) -> dict:
   """Trains, validates, checkpoints and tests a classifier; writes the workdir outputs.
 
   Args:
     config: a finalized config (see `cxrjax.config_lib`).
     workdir: output folder; an existing run there is resumed.
+    backend: the platform kernels (`cxrjax.backends.select`); stock when None.
 
   Returns:
     The metrics record written to `workdir/metrics.json`.
@@ -184,18 +185,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     done = common.completed_record(run)
     if done is not None:
       return done
-    return _train(config, run, mesh, data, spe, total_steps)
+    return _train(config, run, mesh, data, spe, total_steps, backend or Backend())
   finally:
     run.close()
 
 
-def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, total_steps: int) -> dict:
+def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, total_steps: int, backend) -> dict:
   ds, ts = data.dataset, data.training_set
   k = ds.num_classes
-  common.banner(data, config)
-  impl = onednn.resolve(config.convolution)[0]
-  model = build_classifier(config.model, k, ds.image_shape, impl)
-  tx, schedule = common.make_optimizer(config.optim, total_steps, spe, impl)
+  common.banner(data, config, backend)
+  model = build_classifier(config.model, k, ds.image_shape, backend.layers)
+  tx, schedule = common.make_optimizer(config.optim, total_steps, spe, backend)
   init_rng = common.base_key(config, 'classifier/init')
   step_rng = common.base_key(config, 'classifier/step')
 
@@ -205,7 +205,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   state_sh = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   repl = mesh_lib.replicated(mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())(init_rng)
+  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=backend.compile_options('init'))(init_rng)
   variables_sh = {'params': state_sh.params, 'batch_stats': state_sh.batch_stats}
 
   train_step = jax.jit(
@@ -213,7 +213,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     in_shardings=(state_sh, batch_sh, repl),
     out_shardings=(state_sh, repl),
     donate_argnums=(0,),
-    compiler_options=classifier_step_options(config.model.name),
+    compiler_options=backend.compile_options(config.model.name),
   )
   predict = jax.jit(make_predict(model), in_shardings=(variables_sh, batch_sh), out_shardings=batch_sh)
   copy_best = jax.jit(eval_variables, out_shardings=variables_sh)
@@ -340,7 +340,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   record = dict(
     kind='classifier',
     phantom=ds.is_phantom,
-    run=common.run_info(config),
+    run=common.run_info(config, backend),
     data=data.record(),
     model=dict(name=config.model.name, width=config.model.width, num_params=count_params(best_vars['params'])),
     train=dict(

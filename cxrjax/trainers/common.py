@@ -18,12 +18,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from cxrjax import _xla_env, config_lib, fileio, progress, seeding
+from cxrjax import config_lib, fileio, progress, seeding
+from cxrjax.backends.base import Backend, main_program
 from cxrjax.data import imbalance, rebalance, sources
 from cxrjax.data.dataset import Dataset, Split
 from cxrjax.errors import UserError
-from cxrjax.models import classifier_step_options
-from cxrjax.ops import onednn
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'scikit-learn', 'ml-collections')
 
@@ -151,7 +150,7 @@ def command_line() -> str:
   return ' '.join(argv)
 
 
-def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def run_info(config: ml_collections.ConfigDict, backend: Backend) -> dict[str, Any]:
   return dict(
     cxrjax_commit=git_commit(),
     config_hash=config_lib.config_hash(config),
@@ -163,14 +162,7 @@ def run_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     process_count=jax.process_count(),
     platform=jax.default_backend(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
-    # On top of xla_flags, for the DCGAN and diffusion-UNet training steps only (gan.py, ldm.py).
-    generator_step_xla_options=_xla_env.compiler_options(fuse_elementwise=False),
-    # The classifier's training step (classifier.py): ResNet-18's keeps xla_flags alone,
-    # EfficientNetV2's drops YNN's elementwise fusion.
-    classifier_step_xla_options=classifier_step_options(config.model.name),
-    malloc=_xla_env.malloc_setting,
-    xla_cpu_pool=_xla_env.pool_setting,
-    convolution=onednn.resolve(config.convolution)[1],
+    backend=backend.record(sorted({'init', main_program(config), config.model.name})),
     command=command_line(),
     host=platform.node(),
   )
@@ -253,7 +245,7 @@ def completed_record(run: Run) -> dict | None:
   return record
 
 
-def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
+def banner(data: PreparedData, config: ml_collections.ConfigDict, backend: Backend) -> None:
   ds = data.dataset
   k = ds.num_classes
   lines = [
@@ -272,12 +264,9 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
     f' ({data.training_set.method})',
     f'val {ds.splits["val"].class_counts(k)} | test {ds.splits["test"].class_counts(k)}',
   ]
-  if _xla_env.malloc_setting.startswith('glibc'):
-    # Faster CPU steps at the price of a larger peak heap: say so where a user looks.
-    lines.append(f'malloc: {_xla_env.malloc_setting} (freed memory kept for reuse; CXRJAX_KEEP_MALLOC=1 undoes)')
-  lines.append(f'convolutions: {onednn.resolve(config.convolution)[1]}')
-  if not _xla_env.pool_setting.startswith('default (one XLA thread per core)'):  # asked for: say what came of it
-    lines.append(f'XLA CPU pool: {_xla_env.pool_setting}')
+  lines.append(f'kernels: {backend.describe()}')
+  for key, value in backend.process.items():  # what the backend did to the process, where a user looks
+    lines.append(f'  {key}: {value}')
   if any(data.leakage.values()):
     lines.append(f'note: identical images across splits in the source data: {data.leakage}')
   lines.append('=' * 78)
@@ -285,8 +274,8 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict) -> None:
     progress.log(line)
 
 
-def make_optimizer(optim, total_steps: int, steps_per_epoch: int, impl: str = 'xla'):
-  """(optax transform, learning-rate schedule) from `config.optim`; `impl='onednn'`: Adam's fused CPU kernel."""
+def make_optimizer(optim, total_steps: int, steps_per_epoch: int, backend: Backend):
+  """(optax transform, learning-rate schedule) from `config.optim`; Adam's update is the backend's."""
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
     if warmup:
@@ -296,7 +285,7 @@ def make_optimizer(optim, total_steps: int, steps_per_epoch: int, impl: str = 'x
   else:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup]) if warmup else optax.constant_schedule(optim.lr)  # fmt: skip
   if optim.name == 'adam':
-    tx = onednn.adam(schedule, b1=optim.b1, b2=optim.b2, impl=impl)
+    tx = backend.adam(schedule, b1=optim.b1, b2=optim.b2)
     if optim.weight_decay:
       # L2 penalty added to the gradient, as torch.optim.Adam(weight_decay=...)
       tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), tx)

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrjax import _xla_env, config_lib, progress, seeding
+from cxrjax import config_lib, progress, seeding
+from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
 from cxrjax.models.dcgan import Discriminator, Generator
-from cxrjax.ops import onednn
+from cxrjax.models.layers import STOCK, Layers
 from cxrjax.trainers import loop
 
 
@@ -48,18 +49,17 @@ class GANState:
   g_ema: Any  # {'params', 'batch_stats'}: what samples and synthesis use
 
 
-def build(cfg, channels: int, num_classes: int) -> tuple[Generator, Discriminator]:
+def build(cfg, channels: int, num_classes: int, layers: Layers = STOCK) -> tuple[Generator, Discriminator]:
   g = cfg.gan
   k = num_classes if g.conditional else 0
   dtype = DTYPES[cfg.model.dtype]
-  conv_impl = onednn.resolve(cfg.convolution)[0]
   gen = Generator(
     image_size=cfg.data.image_size, channels=channels, latent_dim=g.latent_dim, base_width=g.g_width,
-    num_classes=k, upsample=g.upsample, dtype=dtype, conv_impl=conv_impl,
+    num_classes=k, upsample=g.upsample, dtype=dtype, layers=layers,
   )  # fmt: skip
   disc = Discriminator(
     image_size=cfg.data.image_size, channels=channels, base_width=g.d_width, num_classes=k, norm=g.d_norm,
-    dtype=dtype, conv_impl=conv_impl,
+    dtype=dtype, layers=layers,
   )  # fmt: skip
   return gen, disc
 
@@ -195,13 +195,13 @@ def make_gan_step(gen: Generator, disc: Discriminator, g_tx, d_tx, cfg, num_clas
 # ----------------------------------------------------------------------------- training
 
 
-def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels: int, name: str, class_names):
+def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels: int, name: str, class_names,
+               backend: Backend):  # fmt: skip
   """Trains one generator (conditional over all classes, or on one class's images)."""
   g = cfg.gan
-  gen, disc = build(cfg, channels, num_classes)
-  impl = onednn.resolve(cfg.convolution)[0]
-  g_tx = onednn.adam(g.lr_g, b1=g.b1, b2=g.b2, impl=impl)
-  d_tx = onednn.adam(g.lr_d, b1=g.b1, b2=g.b2, impl=impl)
+  gen, disc = build(cfg, channels, num_classes, backend.layers)
+  g_tx = backend.adam(g.lr_g, b1=g.b1, b2=g.b2)
+  d_tx = backend.adam(g.lr_d, b1=g.b1, b2=g.b2)
   size = cfg.data.image_size
   gseed = config_lib.generator_seed(cfg)
   key = seeding.jax_key(gseed, f'gan/{name}/init')
@@ -271,7 +271,8 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[watch],
     batch_size=g.batch_size,
-    compiler_options=_xla_env.compiler_options(fuse_elementwise=False),
+    backend=backend,
+    program='dcgan',
   )
   return gen, result
 
@@ -294,14 +295,14 @@ def make_sampler(gen: Generator, num_classes: int):
   return sample
 
 
-def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, dict]:
+def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backend) -> tuple[dict, dict]:
   """Trains the cDCGAN (one generator) or the DCGANs (one per class that needs images)."""
   k = data.num_classes
   names = data.dataset.class_names
   channels = data.dataset.image_shape[-1]
   generators, records = {}, {}
   if cfg.gan.conditional:
-    gen, res = _train_one(cfg, gen_dir, data.train, mesh, k, channels, 'conditional', names)
+    gen, res = _train_one(cfg, gen_dir, data.train, mesh, k, channels, 'conditional', names, backend)
     generators['conditional'] = (gen, res.state.g_ema)
     records['conditional'] = dict(
       step=res.step, wall_time_s=res.wall_time_s, last=res.history[-1] if res.history else None
@@ -314,7 +315,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
         continue
       idx = np.flatnonzero(data.train.labels == c)
       sub = data.train.take(idx)
-      gen, res = _train_one(cfg, os.path.join(gen_dir, f'class_{c}'), sub, mesh, k, channels, names[c], names)
+      gen, res = _train_one(cfg, os.path.join(gen_dir, f'class_{c}'), sub, mesh, k, channels, names[c], names, backend)
       generators[c] = (gen, res.state.g_ema)
       records[names[c]] = dict(step=res.step, wall_time_s=res.wall_time_s, trained_on=int(len(idx)),
                                last=res.history[-1] if res.history else None)  # fmt: skip

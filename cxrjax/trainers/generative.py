@@ -26,6 +26,7 @@ import numpy as np
 
 from cxrjax import config_lib, faults, fileio, progress
 from cxrjax import mesh as mesh_lib
+from cxrjax.backends.base import Backend
 from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
@@ -70,11 +71,14 @@ def provenance(config, gen_info: dict[str, Any]) -> dict[str, Any]:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends: dict | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, backend: Backend | None = None, generators: dict | None = None
+) -> dict:
   """Runs the five stages above; returns the metrics record (classifier + generator quality)."""
   from cxrjax.trainers import GENERATORS  # noqa: PLC0415 - avoids an import cycle
 
-  backend = (backends or GENERATORS)[config.trainer]
+  backend = backend or Backend()
+  generator = (generators or GENERATORS)[config.trainer]
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.batch_size, mesh)
   base_cfg = _base_config(config)
@@ -87,12 +91,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends
     done = common.completed_record(run)
     if done is not None:
       return done
-    common.banner(data, config)
+    common.banner(data, config, backend)
     progress.log(f'[{config.trainer}] synthetic images needed per class: {needed}')
 
     # 1. generator
     gen_dir = config.generator_dir or run.path('generator')
-    gen_info, handle = backend.train(config, gen_dir, data, mesh, needed)
+    gen_info, handle = generator.train(config, gen_dir, data, mesh, needed, backend)
     gen_info['dir'] = gen_dir
 
     # 2. synthesis (atomic; redone if the generator or config changed)
@@ -104,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends
     if current != prov:
       labels = np.concatenate([np.full(n, c, np.int32) for c, n in needed.items() if n > 0] or [np.zeros(0, np.int32)])
       progress.log(f'[{config.trainer}] synthesizing {len(labels)} images')
-      images = backend.synthesize(config, handle, data, labels)
+      images = generator.synthesize(config, handle, data, labels)
       faults.maybe_fail('synthesis')
       if jax.process_index() == 0:
         synthetic.save(syn_path, images, labels, prov)
@@ -120,12 +124,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends
 
     # 4. classifier on real + synthetic
     cls_cfg = classifier_config(config, syn_path)
-    record = classifier.train_and_evaluate(cls_cfg, run.path('classifier'))
+    record = classifier.train_and_evaluate(cls_cfg, run.path('classifier'), backend)
 
     # 5. report
     record = dict(record)
     record['kind'] = config.trainer
-    record['run'] = common.run_info(config)
+    record['run'] = common.run_info(config, backend)
     record['generator'] = gen_info
     record['generator_quality'] = quality
     record['synthetic'] = dict(path=syn_path, provenance=prov, count=len(syn_split))

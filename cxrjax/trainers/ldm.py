@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrjax import _xla_env, config_lib, diffusion, progress, seeding
+from cxrjax import config_lib, diffusion, progress, seeding
+from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
 from cxrjax.models.autoencoder import KLAutoencoder, ae_loss
+from cxrjax.models.layers import STOCK, Layers
 from cxrjax.models.unet import UNet
-from cxrjax.ops import onednn
 from cxrjax.trainers import loop
 
 
@@ -46,7 +47,7 @@ class DiffusionState:
   ema: Any
 
 
-def build_autoencoder(cfg, channels: int) -> KLAutoencoder:
+def build_autoencoder(cfg, channels: int, layers: Layers = STOCK) -> KLAutoencoder:
   a = cfg.ldm.ae
   return KLAutoencoder(
     in_channels=channels,
@@ -55,10 +56,11 @@ def build_autoencoder(cfg, channels: int) -> KLAutoencoder:
     channel_mults=tuple(a.channel_mults),
     num_res_blocks=a.num_res_blocks,
     dtype=DTYPES[cfg.model.dtype],
+    layers=layers,
   )
 
 
-def build_unet(cfg, num_classes: int) -> UNet:
+def build_unet(cfg, num_classes: int, layers: Layers = STOCK) -> UNet:
   u = cfg.ldm.unet
   return UNet(
     out_channels=cfg.ldm.ae.latent_channels,
@@ -70,7 +72,7 @@ def build_unet(cfg, num_classes: int) -> UNet:
     num_heads=u.num_heads,
     dropout=u.dropout,
     dtype=DTYPES[cfg.model.dtype],
-    conv_impl=onednn.resolve(cfg.convolution)[0],
+    layers=layers,
   )
 
 
@@ -124,17 +126,17 @@ def make_diffusion_step(unet: UNet, encode_fn, tx, schedule, cfg, scale: float, 
   return step
 
 
-def _tx(lr: float, steps: int, warmup: int = 0, impl: str = 'xla'):
+def _tx(backend: Backend, lr: float, steps: int, warmup: int = 0):
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1)) if warmup else lr
-  return onednn.adam(schedule, impl=impl)
+  return backend.adam(schedule)
 
 
-def _load_ae(cfg, gen_dir: str, data, mesh):
+def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
   """Trains (or restores) the autoencoder; returns (model, params, latent scale, result)."""
   image_shape = data.dataset.image_shape
-  model = build_autoencoder(cfg, image_shape[-1])
+  model = build_autoencoder(cfg, image_shape[-1], backend.layers)
   a = cfg.ldm.ae
-  tx = _tx(a.lr, a.steps, impl=onednn.resolve(cfg.convolution)[0])
+  tx = _tx(backend, a.lr, a.steps)
   gseed = config_lib.generator_seed(cfg)
   key = seeding.jax_key(gseed, 'ldm/ae/init')
 
@@ -163,6 +165,8 @@ def _load_ae(cfg, gen_dir: str, data, mesh):
     fsdp_min_size=cfg.mesh.fsdp_min_size,
     config_hash=config_lib.generator_hash(cfg),
     batch_size=a.batch_size,
+    backend=backend,
+    program='autoencoder',
   )
   params = result.state.params
   # Latent scale factor: 1 / std of the posterior means over (up to) 512 training
@@ -182,7 +186,7 @@ def _load_ae(cfg, gen_dir: str, data, mesh):
   return model, params, scale, result
 
 
-def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, dict]:
+def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backend) -> tuple[dict, dict]:
   """Trains (or restores) the autoencoder and the latent diffusion model.
 
   Returns:
@@ -190,10 +194,10 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
   """
   del needed
   k = data.num_classes
-  ae_model, ae_params, scale, ae_result = _load_ae(cfg, gen_dir, data, mesh)
-  unet = build_unet(cfg, k)
+  ae_model, ae_params, scale, ae_result = _load_ae(cfg, gen_dir, data, mesh, backend)
+  unet = build_unet(cfg, k, backend.layers)
   u = cfg.ldm.unet
-  tx = _tx(u.lr, u.steps, u.warmup_steps, onednn.resolve(cfg.convolution)[0])
+  tx = _tx(backend, u.lr, u.steps, u.warmup_steps)
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   latent = ae_model.latent_shape(data.dataset.image_shape)
   gseed = config_lib.generator_seed(cfg)
@@ -241,7 +245,8 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int]) -> tuple[dict, 
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[save_samples],
     batch_size=u.batch_size,
-    compiler_options=_xla_env.compiler_options(fuse_elementwise=False),
+    backend=backend,
+    program='unet',
   )
   samples_png = os.path.join('generator', 'diffusion', 'samples', f'step_{u.steps:06d}.png')
   handle = dict(unet_ema=result.state.ema, ae_params=ae_params, scale=scale, ae_model=ae_model, unet=unet)

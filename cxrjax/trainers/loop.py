@@ -19,8 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from cxrjax import _xla_env, checkpoint, faults, fileio, progress
+from cxrjax import checkpoint, faults, fileio, progress
 from cxrjax import mesh as mesh_lib
+from cxrjax.backends.base import Backend
 from cxrjax.errors import UserError
 
 
@@ -55,7 +56,8 @@ def run(
   writer=None,
   callbacks: list[Callable[[int, Any, dict], None]] | None = None,
   batch_size: int = 0,
-  compiler_options: dict[str, str] | None = None,
+  backend: Backend | None = None,
+  program: str = '',
 ) -> LoopResult:
   """Trains `total_steps` steps of `step_fn(state, batch, rng) -> (state, metrics)`.
 
@@ -76,11 +78,13 @@ def run(
     callbacks: fn(step, state, metrics) after each report (samples, collapse checks);
       they may raise TrainingDiverged.
     batch_size: global batch size, for images/s.
-    compiler_options: XLA options for the step's compilation (`_xla_env.compiler_options`).
+    backend: the platform backend, for the programs' compile options (stock when None).
+    program: the step's name for `backend.compile_options` (the model it trains).
 
   Returns:
     A LoopResult with the final state.
   """
+  backend = backend or Backend()
   os.makedirs(workdir, exist_ok=True)
   abstract = jax.eval_shape(init_fn)
   state_sh = mesh_lib.state_shardings(abstract, mesh, fsdp_min_size)
@@ -103,7 +107,7 @@ def run(
         return LoopResult(state, start, float(meta.get('wall_time', 0.0)), meta.get('history', []), start, True)
       progress.log(f'[{name}] resumed from {workdir}/ckpt at step {start}')
     else:
-      state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=_xla_env.init_compiler_options())()
+      state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=backend.compile_options('init'))()
       start = 0
 
     step_jit = jax.jit(
@@ -111,7 +115,7 @@ def run(
       in_shardings=(state_sh, batch_sh, repl),
       out_shardings=(state_sh, repl),
       donate_argnums=(0,),
-      compiler_options=compiler_options,
+      compiler_options=backend.compile_options(program),
     )
     prog = progress.Progress(name, total_steps, start)
     wall0, t0 = float(meta.get('wall_time', 0.0)), time.time()

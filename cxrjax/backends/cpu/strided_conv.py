@@ -1,39 +1,29 @@
 """Stride-2 convolutions with odd kernels (ResNet's downsampling) whose input gradient avoids `lhs_dilation`.
 
-Autodiff's input gradient of a strided convolution is an `lhs_dilation`
-(zero-interleaved) convolution, which XLA's CPU backend runs slowly: on a
-2-core x86 CPU the input gradient of ResNet-18's 28-px 3x3 stride-2 layer
-(64 -> 128 channels, batch 128) took 63 ms against PyTorch's 19 ms (30 ms here;
-`python -m cxrjax.bench.conv_profile` prints both, with its autodiff-alone table). `cxrjax.models.upsample` fixes the
-same problem for DCGAN's even kernels with a sub-pixel convolution; for odd
-kernels that form would pad the kernel to an even size and do 16/9 of the work,
-so here the input gradient is written exactly, phase by phase: output pixel
-`(2m + rh, 2n + rw)` of the gradient only meets the kernel taps `t` with
-`t = rh + p (mod 2)`, so each of the four phases is a small stride-1 VALID
+The CPU backend's fallback for convolutions oneDNN does not take (other dtypes
+than float32). Autodiff's input gradient of a strided convolution is an
+`lhs_dilation` (zero-interleaved) convolution, which XLA's CPU backend runs
+slowly. For odd kernels the input gradient is written exactly, phase by phase:
+output pixel `(2m + rh, 2n + rw)` of the gradient only meets the kernel taps `t`
+with `t = rh + p (mod 2)`, so each of the four phases is a small stride-1 VALID
 convolution over the output gradient (for a 3x3 kernel: 1x1, 1x2, 2x1 and 2x2
-taps, nine in all, as many multiply-adds as the forward pass), and the phases
-are interleaved. The forward pass stays XLA's, and so does the weight gradient
-of 3x3 kernels (a window-dilated convolution, which is fast); for 1x1 kernels
-the weight gradient is one GEMM over every other pixel.
+taps, nine in all, as many multiply-adds as the forward pass), and the phases are
+interleaved. The forward pass stays XLA's, and so does the weight gradient of 3x3
+kernels (a window-dilated convolution, which is fast); for 1x1 kernels the weight
+gradient is one GEMM over every other pixel.
 
-Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) is not available through a
-`custom_vjp` function, so not through cxrjax's ResNet either; reverse mode,
-including gradients of gradients, is.
+Reverse mode only: `jax.jvp` does not go through a `custom_vjp` function, which is
+one reason the stock backend never uses this module.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen.dtypes import promote_dtype
 from jax import lax
-
-from cxrjax.ops import onednn
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -104,8 +94,7 @@ def _strided_conv_fwd(x, kernel):
 
 def _weight_grad(x, kernel, g):
   if kernel.shape[0] == 1:
-    # A 1x1 kernel sees every other pixel: one GEMM over them (28 px, 64 -> 128 channels,
-    # batch 128: 6 ms against 21 ms for XLA's window-dilated convolution, conv_profile).
+    # A 1x1 kernel sees every other pixel: one GEMM over them, faster than XLA's window-dilated convolution.
     return jnp.einsum('nhwc,nhwo->co', x[:, ::2, ::2], g)[None, None].astype(kernel.dtype)
   _, weight_vjp = jax.vjp(lambda w: _conv(x, w), kernel)
   return weight_vjp(g)[0]
@@ -117,34 +106,3 @@ def _strided_conv_bwd(res, g):
 
 
 strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
-
-
-class StridedConv(nn.Module):
-  """`nn.Conv(features, (k, k), 2, padding=k // 2, use_bias=False)` with the fast input gradient above.
-
-  Same parameter (`kernel`, `[k, k, in, features]`) and the same numbers as
-  `nn.Conv`, so checkpoints are interchangeable.
-
-  Attributes:
-    features: output channels.
-    kernel_size: odd kernel size.
-    dtype: compute dtype (parameters stay float32).
-    kernel_init: initialiser of the kernel.
-    conv_impl: 'xla' (the custom VJP above) or 'onednn' (`cxrjax.ops.onednn`, float32 only).
-  """
-
-  features: int
-  kernel_size: int = 3
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  conv_impl: str = 'xla'
-
-  @nn.compact
-  def __call__(self, x):
-    k = self.kernel_size
-    _phase_taps(k)  # validates k before any parameter is created
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    if self.conv_impl == 'onednn' and x.dtype == jnp.float32:
-      return onednn.conv(x, kernel, (2, 2), ((k // 2, k // 2),) * 2)  # oneDNN's own strided passes are fast
-    return strided_conv(x, kernel)

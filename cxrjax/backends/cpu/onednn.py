@@ -1,30 +1,23 @@
-"""oneDNN convolutions and batch normalization inside jitted JAX programs on CPU, as XLA FFI custom calls.
+"""oneDNN convolutions and batch normalization, and a fused Adam update, inside jitted JAX programs on CPU.
 
-Why: XLA's CPU backend runs convolutions with Eigen, 1.2-1.6x slower per 3x3
-layer than the oneDNN kernels PyTorch uses on the same CPU (BUILD_NOTES.md,
-issue 8), and jaxlib 0.10.2 does not route convolutions to oneDNN. Here the
-three passes of a 2-D convolution (forward, input gradient, weight gradient) are
-oneDNN primitives behind one FFI target, and `conv` wires them together with
-custom VJPs so that reverse mode works to any order (each pass's VJP is made of
-the other two). Training-mode batch normalization (`batch_norm_train`, used by
-`cxrjax.models.norm.BatchNorm`) is two more targets, forward (with an
-optional fused ReLU) and backward: XLA ran it as several passes per layer, about
-as long as PyTorch spends on everything but its convolutions. A last target, not
-oneDNN's, is Adam's update as one pass per parameter (`adam`, `scale_by_adam`):
-optax's ran as four.
+They are XLA FFI custom calls. The three passes of a 2-D convolution (forward,
+input gradient, weight gradient) are oneDNN primitives behind one FFI target, and
+`conv` wires them together with custom VJPs so that reverse mode works to any order
+(each pass's VJP is made of the other two). Training-mode batch normalization
+(`batch_norm_train`) is two more targets, forward (with an optional fused ReLU)
+and backward: XLA runs it as several passes over the activations. A last target,
+not oneDNN's, is Adam's update as one pass per parameter (`scale_by_adam`); optax's
+runs as four.
 
 Where it applies: float32 NHWC/HWIO convolutions without dilation (grouped and
-depthwise ones included), in a program on one CPU device. XLA's SPMD partitioner
-cannot split a custom call across devices, so with more than one device (a
-data-parallel mesh, several processes) or on GPU/TPU every convolution stays
-XLA's; `resolve` decides.
+depthwise ones included), in a program on one CPU device: XLA's SPMD partitioner
+cannot split a custom call across devices. `cxrjax.backends.select` decides
+whether a run uses this module at all.
 
 How it is built: on first use, `g++` compiles `onednn_conv.cc` against JAX's FFI
 headers and the `libdnnl.so.3` of the `onednn-cpu-gomp` wheel (the `onednn`
-extra: `pip install cxrjax[onednn]`) into `~/.cache/cxrjax/onednn/`, keyed by
-the source, the library and the jaxlib version. Without the wheel or a compiler
-`resolve('auto')` falls back to XLA and says why (the banner and every
-metrics.json record it).
+extra: `pip install cxrjax[onednn]`) into `~/.cache/cxrjax/onednn/`, keyed by the
+source, the library and the jaxlib version.
 """
 
 from __future__ import annotations
@@ -40,10 +33,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
-from cxrjax import _xla_env
-from cxrjax.errors import UserError
+from cxrjax.backends.cpu import process
 
 SOURCE = Path(__file__).with_name('onednn_conv.cc')
 TARGET = 'cxrjax_onednn_conv'
@@ -51,10 +44,8 @@ BN_FORWARD, BN_BACKWARD = 'cxrjax_onednn_bn_forward', 'cxrjax_onednn_bn_backward
 ADAM = 'cxrjax_adam_update'
 # -fopenmp: the fused Adam's loop, on the wheel's libgomp (the runtime oneDNN uses).
 # -O3 -fno-math-errno: vectorises the Adam loop (its sqrt no longer has to set errno):
-# the same IEEE operations in the same order, so the same bits, in half the time
-# (ResNet-18's 11.2M parameters: 43 -> 22 ms an update; BUILD_NOTES.md, issue 8).
+# the same IEEE operations in the same order, so the same bits, faster.
 _CXXFLAGS = ('-O3', '-fno-math-errno', '-fopenmp', '-std=c++17', '-shared', '-fPIC')
-CHOICES = ('auto', 'onednn', 'xla')
 _DN = ('NHWC', 'HWIO', 'NHWC')
 _FORWARD, _INPUT_GRAD, _WEIGHT_GRAD = 0, 1, 2
 
@@ -79,15 +70,13 @@ def _build(lib: Path) -> Path:
   key = hashlib.sha256(
     SOURCE.read_bytes() + str(lib).encode() + jax.lib.__version__.encode() + ' '.join(_CXXFLAGS).encode()
   ).hexdigest()[:16]
-  out = _xla_env.cache_dir('onednn') / f'onednn_conv-{key}.so'
+  out = process.cache_dir('onednn') / f'onednn_conv-{key}.so'
   if out.exists():
     return out
   cxx = shutil.which(os.environ.get('CXX', 'g++'))
   if cxx is None:
     raise RuntimeError(f'no C++ compiler ({os.environ.get("CXX", "g++")}) to build {SOURCE.name}')
-  return _xla_env.compile_once(
-    [cxx, *_CXXFLAGS, f'-I{include}', str(SOURCE), str(lib), f'-Wl,-rpath,{lib.parent}'], out
-  )
+  return process.compile_once([cxx, *_CXXFLAGS, f'-I{include}', str(SOURCE), str(lib), f'-Wl,-rpath,{lib.parent}'], out)
 
 
 @functools.cache
@@ -108,39 +97,6 @@ def load() -> str:
   jax.ffi.register_ffi_target(BN_BACKWARD, jax.ffi.pycapsule(so.cxrjax_onednn_bn_backward), platform='cpu')
   jax.ffi.register_ffi_target(ADAM, jax.ffi.pycapsule(so.cxrjax_adam_update), platform='cpu')
   return f'oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} ({lib})'
-
-
-@functools.cache  # one answer per process: the banner, metrics.json and the models agree, g++ runs once
-def resolve(requested: str) -> tuple[str, str]:
-  """Which convolutions a run uses.
-
-  Args:
-    requested: `config.convolution`: 'auto' (oneDNN on a single CPU device when the
-      extension loads, XLA otherwise), 'onednn' (insist) or 'xla' (XLA's own).
-
-  Returns:
-    ('onednn' or 'xla', a description for the banner, metrics.json and benchmark rows).
-
-  Raises:
-    UserError: `requested` is not a choice, or 'onednn' cannot be had (the reason is named).
-  """
-  if requested not in CHOICES:
-    raise UserError(f'convolution: expected one of {", ".join(CHOICES)}, got {requested!r}')
-  if requested == 'xla':
-    return 'xla', 'xla (convolution=xla)'
-  why = None
-  if jax.default_backend() != 'cpu':
-    why = f'backend is {jax.default_backend()}'
-  elif jax.device_count() != 1:
-    why = f'{jax.device_count()} devices: a custom call is not partitioned across devices'
-  else:
-    try:
-      return 'onednn', load()
-    except (RuntimeError, OSError) as e:
-      why = str(e)
-  if requested == 'onednn':
-    raise UserError(f'convolution=onednn is not available: {why}')
-  return 'xla', f'xla (oneDNN not used: {why})'
 
 
 def _call(kind: int, a, b, shape, strides, padding, groups):
@@ -180,9 +136,7 @@ def _weight_grad(x, dy, w_shape, strides, padding, groups):
     # stride-1 one of those pixels. A workaround: oneDNN 3.2's 1x1 weight gradient with
     # stride 2 (jit_1x1) writes past the scratchpad it asks for at 64 px and above (heap
     # corruption in a 64-px smoke run; tests/test_onednn.py keeps a regression case);
-    # stride 1 is unaffected. PyTorch's crash on 8-channel 64x64 maps in the benchmark
-    # is likely the same bug. Also faster than a GEMM in XLA here (three ResNet-18
-    # projections at 28 px: 10 against 16 ms, throwaway probe).
+    # stride 1 is unaffected.
     oh, ow = dy.shape[1:3]
     x = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
     strides = (1, 1)
@@ -288,18 +242,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if not fits or any(lo < 0 or hi < 0 for lo, hi in padding):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
   return conv(lhs, rhs, window_strides, padding, feature_group_count)
-
-
-def conv_general_dilated_for(impl: str):
-  """The convolution function for `nn.Conv(conv_general_dilated=...)`.
-
-  Args:
-    impl: a resolved implementation, 'onednn' or 'xla' (`resolve(...)[0]`).
-
-  Returns:
-    `conv_general_dilated` above for 'onednn', `lax.conv_general_dilated` otherwise.
-  """
-  return conv_general_dilated if impl == 'onednn' else lax.conv_general_dilated
 
 
 # Batch normalization with batch statistics (training), on oneDNN. As with the
@@ -419,28 +361,23 @@ def _adam_leaf(g, m, v, d1, d2, b1, b2, eps, eps_root):
   )  # fmt: skip
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *, impl: str = 'xla'):
-  """`optax.scale_by_adam`, with one fused pass per parameter on CPU when `impl='onednn'`.
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0):
+  """`optax.scale_by_adam` with one fused pass per float32 parameter (`load()` must have succeeded).
 
   The same state (`optax.ScaleByAdamState`: count, mu, nu; checkpoints interchangeable)
   and the same arithmetic, operation for operation (results equal to rounding: XLA may
-  contract a multiply-add that the kernel rounds twice). With `impl='xla'` it is optax's
-  own. optax's `mu_dtype` and `nesterov` options are not offered.
+  contract a multiply-add that the kernel rounds twice). optax's `mu_dtype` and
+  `nesterov` options are not offered.
 
   Args:
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the denominator's square root.
     eps_root: added inside the square root.
-    impl: 'onednn' (the fused kernel; `load()` must have succeeded) or 'xla'.
 
   Returns:
     An `optax.GradientTransformation`.
   """
-  import optax  # noqa: PLC0415  (the ops module is otherwise free of optax)
-
-  if impl != 'onednn':
-    return optax.scale_by_adam(b1, b2, eps, eps_root)
   base = optax.scale_by_adam(b1, b2, eps, eps_root)
 
   def update_fn(updates, state, params=None):
@@ -454,12 +391,3 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     return u, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(base.init, update_fn)
-
-
-def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, impl: str = 'xla'):
-  """`optax.adam` (same state tree) on `scale_by_adam` above: fused on CPU with `impl='onednn'`."""
-  import optax  # noqa: PLC0415
-
-  if impl != 'onednn':
-    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-  return optax.chain(scale_by_adam(b1, b2, eps, impl=impl), optax.scale_by_learning_rate(learning_rate))

@@ -1,1 +1,0 @@
-"""Custom operations: oneDNN convolutions for XLA CPU (`onednn`)."""
