@@ -92,10 +92,10 @@ def test_differences_from_full_list_every_profile_change():
 
 
 def test_reference_network_trains_on_the_whole_split_except_in_smoke_runs():
-  from cxrjax.eval import features  # noqa: PLC0415
+  from cxrjax.trainers import reference  # noqa: PLC0415
 
   for profile, rows in (('full', 0), ('cpu', 0), ('smoke', 1024)):
     config = config_lib.finalize(config_lib.with_profile(config_lib.base_config(), profile))
-    ref = features.reference_config(config)
+    ref = reference.reference_config(config)
     assert ref.data.limit_train == rows, profile  # 0: the whole real training split
     assert ref.data.limit_eval == 0 and ref.imbalance.ratio == 0.0

@@ -157,12 +157,14 @@ def _select_value(m: dict, key: str) -> float:
   return -v if key == 'loss' else v
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, feature_encoder=None) -> dict:
   """Trains, validates, checkpoints and tests a classifier; writes the workdir outputs.
 
   Args:
     config: a finalized config (see `cxrjax.config_lib`).
     workdir: output folder; an existing run there is resumed.
+    feature_encoder: for SMOTE in feature space, `(config, workdir) -> encoder`
+      (see `common.prepare_data`); `cxrjax.trainers.TRAINERS` passes the reference network's.
 
   Returns:
     The metrics record written to `workdir/metrics.json`.
@@ -170,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.batch_size, mesh)
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  data = common.prepare_data(config, workdir)
+  data = common.prepare_data(config, workdir, feature_encoder)
   ts = data.training_set
   spe = pipeline.steps_per_epoch(ts, config.batch_size)
   if spe == 0:

@@ -30,7 +30,15 @@ from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
 from cxrjax.eval import genquality, inception_features, report
-from cxrjax.trainers import classifier, common
+from cxrjax.trainers import classifier, common, gan, ldm, reference
+
+# The generator backends, by trainer name: a module with
+# `train(config, gen_dir, data, mesh, needed) -> (record, handle)` and
+# `synthesize(config, handle, data, labels) -> uint8 images`.
+GENERATORS = {
+  'gan': gan,
+  'ldm': ldm,
+}
 
 
 def needed_per_class(train_counts: list[int], target_ratio: float) -> dict[int, int]:
@@ -72,8 +80,6 @@ def provenance(config, gen_info: dict[str, Any]) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backends: dict | None = None) -> dict:
   """Runs the five stages above; returns the metrics record (classifier + generator quality)."""
-  from cxrjax.trainers import GENERATORS  # noqa: PLC0415 - avoids an import cycle
-
   backend = (backends or GENERATORS)[config.trainer]
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.batch_size, mesh)
@@ -159,7 +165,7 @@ def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov) 
   inception = None
   if config.quality.inception_weights:
     inception = inception_features.load_inception(config.quality.inception_weights)
-  model, variables, ref_info = features_lib.reference_network(config, run.workdir)
+  model, variables, ref_info = reference.reference_network(config, run.workdir)
   full_train = data.dataset.splits['train']
   out = dict(
     synthetic_provenance=prov,
