@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrjax import config_lib, sweep
+from cxrjax import config_lib
 from cxrjax.errors import UserError
+from cxrjax.sweep import plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
 
@@ -23,9 +24,9 @@ def load(path: Path, arg=None):
 def test_every_config_finalizes(path, profile):
   config = load(path, profile)
   if 'experiment' in config:  # a sweep: its template experiment and every method's config
-    for method in sweep.methods_of(config):
+    for method in plan.methods_of(config):
       for seed in config.seeds:
-        c = sweep.method_config(config, method, seed, '/tmp/sweep')
+        c = plan.method_config(config, method, seed, '/tmp/sweep')
         assert c.profile == (profile or 'full') and c.imbalance.seed == config.data_seed
     return
   config = config_lib.finalize(config)

@@ -146,8 +146,8 @@ def git_commit() -> str:
 
 def command_line() -> str:
   argv = list(sys.argv)
-  for module in ('main', 'sweep'):
-    if argv and argv[0].endswith(os.path.join('cxrjax', f'{module}.py')):
+  for module, script in (('main', 'main.py'), ('sweep', os.path.join('sweep', '__main__.py'))):
+    if argv and argv[0].endswith(os.path.join('cxrjax', script)):
       argv[0] = f'python -m cxrjax.{module}'
   return ' '.join(argv)
 
