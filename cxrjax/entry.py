@@ -13,16 +13,19 @@ import os
 import jax
 
 from cxrjax import backends
-from cxrjax.backends.base import Backend
+from cxrjax.backends.base import Backend, main_program
 
 DEFAULT_COMPILATION_CACHE = os.path.join('~', '.cache', 'cxrjax', 'jax-compilation-cache')
 
 
-def start(config, *, distributed: bool = False, compilation_cache: str = DEFAULT_COMPILATION_CACHE) -> Backend:
+def start(
+  config, *, distributed: bool = False, compilation_cache: str = DEFAULT_COMPILATION_CACHE, one_program: bool = True
+) -> Backend:
   """Selects the backend for `config.kernels`, lets it configure the process, turns on the compilation cache.
 
   Args:
     config: the finalized experiment config.
+    one_program: the process runs `config`'s experiment only (a sweep runs several kinds).
     distributed: the run calls `jax.distributed.initialize()` (several processes).
     compilation_cache: folder of JAX's persistent compilation cache ('' leaves it off).
       A user's `JAX_COMPILATION_CACHE_DIR` wins.
@@ -34,7 +37,8 @@ def start(config, *, distributed: bool = False, compilation_cache: str = DEFAULT
     UserError: `kernels=cpu` asked for where it cannot be had.
   """
   backend = backends.select(config.kernels, distributed=distributed)
-  backend.configure_process(config)  # the CPU backend may restart the process here, once
+  # The CPU backend may restart the process here, once.
+  backend.configure_process(main_program(config) if one_program else None)
   if compilation_cache and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     enable_compilation_cache(os.path.expanduser(compilation_cache))
   return backend

@@ -118,13 +118,19 @@ def parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+  """Whether this run is multi-process (--distributed or CXRJAX_DISTRIBUTED=1)."""
   return _DISTRIBUTED.value or os.environ.get('CXRJAX_DISTRIBUTED') == '1'
+
+
+def compilation_cache() -> str:
+  """The --compilation_cache folder ('' for none)."""
+  return _COMPILATION_CACHE.value
 
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when --distributed or CXRJAX_DISTRIBUTED=1 (before any JAX work)."""
-  if not _distributed():
+  if not distributed():
     return
   import jax  # noqa: PLC0415
 
@@ -162,7 +168,7 @@ def main(argv: list[str]) -> None:
       raise UserError(f'--config={flags.FLAGS["config"].serialize()}: {e}') from e
     config = config_lib.finalize(config)
     # Before any JAX work: the CPU backend sets XLA flags and malloc, and may restart the process.
-    backend = entry.start(config, distributed=_distributed(), compilation_cache=_COMPILATION_CACHE.value)
+    backend = entry.start(config, distributed=distributed(), compilation_cache=_COMPILATION_CACHE.value)
     maybe_initialize_distributed()
     workdir = _WORKDIR.value or _workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
     TRAINERS[config.trainer](config, workdir, backend)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from cxrjax import config_lib, sweep
+from cxrjax import config_lib
 from cxrjax.errors import UserError
+from cxrjax.sweep import plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
 
@@ -23,9 +24,9 @@ def load(path: Path, arg=None):
 def test_every_config_finalizes(path, profile):
   config = load(path, profile)
   if 'experiment' in config:  # a sweep: its template experiment and every method's config
-    for method in sweep.methods_of(config):
+    for method in plan.methods_of(config):
       for seed in config.seeds:
-        c = sweep.method_config(config, method, seed, '/tmp/sweep')
+        c = plan.method_config(config, method, seed, '/tmp/sweep')
         assert c.profile == (profile or 'full') and c.imbalance.seed == config.data_seed
     return
   config = config_lib.finalize(config)
@@ -92,10 +93,10 @@ def test_differences_from_full_list_every_profile_change():
 
 
 def test_reference_network_trains_on_the_whole_split_except_in_smoke_runs():
-  from cxrjax.eval import features  # noqa: PLC0415
+  from cxrjax.trainers import reference  # noqa: PLC0415
 
   for profile, rows in (('full', 0), ('cpu', 0), ('smoke', 1024)):
     config = config_lib.finalize(config_lib.with_profile(config_lib.base_config(), profile))
-    ref = features.reference_config(config)
+    ref = reference.reference_config(config)
     assert ref.data.limit_train == rows, profile  # 0: the whole real training split
     assert ref.data.limit_eval == 0 and ref.imbalance.ratio == 0.0

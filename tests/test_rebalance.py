@@ -223,3 +223,25 @@ def test_smote_neighbours_in_feature_space():
   for name in ts.pool.names[ts.origin == 'smote']:
     base, rest = name[len('smote:') :].split('+')
     assert row_of[rest.split('@')[0]] == row_of[base] ^ 1
+
+
+def test_prepare_data_takes_the_smote_feature_encoder_from_its_caller(npz_path, tmp_path):
+  # The data layer sits below the reference network (trainers/reference.py): its caller hands the encoder in.
+  config = config_lib.base_config()
+  config.rebalance.method = 'smote'
+  config.rebalance.smote_space = 'feature'
+  config.data.path = str(npz_path)
+  config.data.limit_train = 300
+  config = config_lib.finalize(config)
+  calls = []
+
+  def feature_encoder(cfg, workdir):
+    calls.append(workdir)
+    return lambda images: images.reshape(len(images), -1)[:, :16].astype(np.float32)
+
+  data = common.prepare_data(config, str(tmp_path / 'run'), feature_encoder)
+  assert calls == [str(tmp_path / 'run')]
+  assert data.training_set.details['smote_space'].startswith('feature')
+  assert data.training_set.trained_counts(2) == EXPECTED_FOR_LIMIT['smote']
+  with pytest.raises(ValueError, match='feature_encoder'):
+    common.prepare_data(config)  # never a silent fall back to pixel space

@@ -25,7 +25,8 @@ class Backend:
     optax's state tree, so it composes with any other optax transformation;
   - `compile_options(program)`: XLA options for one jitted program ('init' for
     parameter initialisation, else the name of the model whose step it is);
-  - `configure_process(config)`: process settings that must precede JAX's start;
+  - `configure_process(program)`: process settings that must precede JAX's start, for a
+    process whose time goes mostly to `program` (None: several kinds of program);
   - `describe()` and `record()`: a line for the banner, a dict for `metrics.json`.
 
   Stock is plain Flax, optax and XLA's defaults: what GPU and TPU users run, and
@@ -54,9 +55,17 @@ class Backend:
     del program
     return None
 
-  def configure_process(self, config) -> dict[str, Any]:
-    """Settles what must be set before JAX starts (environment, allocator); stock sets nothing."""
-    del config
+  def configure_process(self, program: str | None) -> dict[str, Any]:
+    """Settles what must be set before JAX starts (environment, allocator); stock sets nothing.
+
+    Args:
+      program: what the process will mostly run (`main_program(config)`), or None for a
+        process that runs several kinds of program (a sweep).
+
+    Returns:
+      What was done (also kept in `self.process`, for the banner and `metrics.json`).
+    """
+    del program
     return self.process
 
   def describe(self) -> str:

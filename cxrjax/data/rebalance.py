@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cxrjax import seeding
+from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split, concat
 from cxrjax.errors import UserError
 
@@ -206,8 +207,6 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
     details['smote_k'] = int(rebalance.smote_k)
     details['smote_space'] = 'feature (reference network)' if encoder is not None else 'pixel'
   elif method == 'synthetic':
-    from cxrjax.data import synthetic  # noqa: PLC0415 - avoids an import cycle
-
     targets = _targets_up(counts, rebalance.target_ratio)
     sources = []
     for path, weight in synthetic.parse_sources(rebalance.synthetic):

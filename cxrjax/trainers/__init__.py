@@ -1,20 +1,17 @@
 """Trainers: each exposes `train_and_evaluate(config, workdir)`; `TRAINERS` maps names to them.
 
 'gan' and 'ldm' are the generative-oversampling pipeline (`generative.py`) with
-the generator backend of that name (`GENERATORS`): a module with
-`train(config, gen_dir, data, mesh, needed) -> (record, handle)` and
-`synthesize(config, handle, data, labels) -> uint8 images`.
+the generator backend of that name (`generative.GENERATORS`). The classifier is
+given the reference network's encoder (`reference.py`) for SMOTE in feature
+space: the trainer and the data layer sit below that network and do not import it.
 """
 
-from cxrjax.trainers import classifier, gan, generative, ldm
+import functools
 
-GENERATORS = {
-  'gan': gan,
-  'ldm': ldm,
-}
+from cxrjax.trainers import classifier, generative, reference
 
 TRAINERS = {
-  'classifier': classifier.train_and_evaluate,
+  'classifier': functools.partial(classifier.train_and_evaluate, feature_encoder=reference.feature_encoder),
   'gan': generative.train_and_evaluate,
   'ldm': generative.train_and_evaluate,
 }

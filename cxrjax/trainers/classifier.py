@@ -157,13 +157,18 @@ def _select_value(m: dict, key: str) -> float:
   return -v if key == 'loss' else v
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backend: Backend | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, backend: Backend | None = None, feature_encoder=None
+) -> dict:
   """Trains, validates, checkpoints and tests a classifier; writes the workdir outputs.
 
   Args:
     config: a finalized config (see `cxrjax.config_lib`).
     workdir: output folder; an existing run there is resumed.
     backend: the platform kernels (`cxrjax.backends.select`); stock when None.
+    feature_encoder: for SMOTE in feature space, `(config, workdir, backend) -> encoder`
+      (see `common.prepare_data`); `cxrjax.trainers.TRAINERS` passes the reference network's,
+      which then trains on `backend` too.
 
   Returns:
     The metrics record written to `workdir/metrics.json`.
@@ -171,7 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backend:
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.batch_size, mesh)
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  data = common.prepare_data(config, workdir)
+  backend = backend or Backend()
+  encoder = functools.partial(feature_encoder, backend=backend) if feature_encoder else None
+  data = common.prepare_data(config, workdir, encoder)
   ts = data.training_set
   spe = pipeline.steps_per_epoch(ts, config.batch_size)
   if spe == 0:
@@ -185,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, backend:
     done = common.completed_record(run)
     if done is not None:
       return done
-    return _train(config, run, mesh, data, spe, total_steps, backend or Backend())
+    return _train(config, run, mesh, data, spe, total_steps, backend)
   finally:
     run.close()
 

@@ -77,11 +77,13 @@ def check_leakage(dataset: Dataset, train: Split) -> dict[str, Any]:
   return out
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> PreparedData:
+def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, feature_encoder=None) -> PreparedData:
   """Loads data, applies the imbalance protocol, limits and the rebalancing method.
 
-  `workdir` locates the shared reference network when SMOTE searches neighbours
-  in its feature space (`rebalance.smote_space='feature'`).
+  When SMOTE searches neighbours in feature space (`rebalance.smote_space='feature'`),
+  `feature_encoder(config, workdir)` gives the image encoder (the caller supplies
+  `cxrjax.trainers.reference.feature_encoder`, which trains the shared reference
+  network on first use); `workdir` locates that network.
   """
   ds = sources.load_dataset(config.data, config.seed)
   ds.source['counts_loaded'] = ds.counts()
@@ -114,10 +116,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None) 
     ds.source['eval_limited_to'] = config.data.limit_eval
   encoder = None
   if config.rebalance.method == 'smote' and config.rebalance.smote_space == 'feature':
-    from cxrjax.eval import features  # noqa: PLC0415 - avoids an import cycle
-
-    model, variables, _ = features.reference_network(config, workdir or os.path.join('runs', 'smote'))
-    encoder = lambda images: features.extract(model, variables, images)  # noqa: E731
+    if feature_encoder is None:
+      raise ValueError("rebalance.smote_space='feature' needs prepare_data(..., feature_encoder=...)")
+    encoder = feature_encoder(config, workdir or os.path.join('runs', 'smote'))
   ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
   # The whole pool is checked: real rows and every added (SMOTE, synthetic) row.
   return PreparedData(ds, train, ts, report, check_leakage(ds, ts.pool))
@@ -144,8 +145,8 @@ def git_commit() -> str:
 
 def command_line() -> str:
   argv = list(sys.argv)
-  for module in ('main', 'sweep'):
-    if argv and argv[0].endswith(os.path.join('cxrjax', f'{module}.py')):
+  for module, script in (('main', 'main.py'), ('sweep', os.path.join('sweep', '__main__.py'))):
+    if argv and argv[0].endswith(os.path.join('cxrjax', script)):
       argv[0] = f'python -m cxrjax.{module}'
   return ' '.join(argv)
 

@@ -31,7 +31,15 @@ from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
 from cxrjax.eval import genquality, inception_features, report
-from cxrjax.trainers import classifier, common
+from cxrjax.trainers import classifier, common, gan, ldm, reference
+
+# The generator backends, by trainer name: a module with
+# `train(config, gen_dir, data, mesh, needed) -> (record, handle)` and
+# `synthesize(config, handle, data, labels) -> uint8 images`.
+GENERATORS = {
+  'gan': gan,
+  'ldm': ldm,
+}
 
 
 def needed_per_class(train_counts: list[int], target_ratio: float) -> dict[int, int]:
@@ -75,8 +83,6 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, backend: Backend | None = None, generators: dict | None = None
 ) -> dict:
   """Runs the five stages above; returns the metrics record (classifier + generator quality)."""
-  from cxrjax.trainers import GENERATORS  # noqa: PLC0415 - avoids an import cycle
-
   backend = backend or Backend()
   generator = (generators or GENERATORS)[config.trainer]
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -118,7 +124,7 @@ def train_and_evaluate(
     quality_path = run.path('gen_metrics.json')
     quality = fileio.read_json(quality_path) if os.path.isfile(quality_path) else None
     if quality is None or quality.get('synthetic_provenance') != prov:
-      quality = judge(config, run, data, syn_split, prov)
+      quality = judge(config, run, data, syn_split, prov, backend)
       if jax.process_index() == 0:
         fileio.atomic_write_json(quality_path, quality)
 
@@ -157,13 +163,13 @@ def inception_quality(model, variables, real: np.ndarray, gen: np.ndarray, seed:
   )
 
 
-def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov) -> dict:
+def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov, backend: Backend | None = None) -> dict:
   """FID/KID/precision/recall and the memorization audit, per synthesized class."""
   # Loaded first: a bad weights file should fail before the reference network trains.
   inception = None
   if config.quality.inception_weights:
     inception = inception_features.load_inception(config.quality.inception_weights)
-  model, variables, ref_info = features_lib.reference_network(config, run.workdir)
+  model, variables, ref_info = reference.reference_network(config, run.workdir, backend)
   full_train = data.dataset.splits['train']
   out = dict(
     synthetic_provenance=prov,

@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Any
 
-from cxrjax.backends.base import Backend, main_program
+from cxrjax.backends.base import Backend
 from cxrjax.backends.cpu import layers, onednn, process
 
 # Programs whose steps ran faster without YNN's elementwise fusion: many small
@@ -65,12 +65,12 @@ class CpuBackend(Backend):
       return dict(process.INIT_OPTIONS)
     return dict(process.NO_ELEMENTWISE_YNN) if program in _WITHOUT_ELEMENTWISE_FUSION else None
 
-  def configure_process(self, config) -> dict[str, Any]:
-    """Restarts with the block cache once, then sets XLA's CPU flags, malloc and (per experiment) the pool size."""
+  def configure_process(self, program: str | None) -> dict[str, Any]:
+    """Restarts with the block cache once, then sets XLA's CPU flags, malloc and (per program) the pool size."""
     no_cache = process.reexec_with_block_cache()  # returns only when no restart was needed or possible
     self.process['xla_flags'] = process.set_xla_flags()
     self.process['malloc'] = process.configure_malloc() + (f'; {no_cache}' if no_cache else '')
-    if main_program(config) in _ONE_POOL_THREAD:
+    if program in _ONE_POOL_THREAD:
       self.process['xla_cpu_pool'] = process.use_one_pool_thread()
     return self.process
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from typing import Any
 
@@ -12,10 +14,12 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cxrjax import fileio, progress, seeding
+from cxrjax import config_lib, fileio, progress, seeding
+from cxrjax.data import sources
 from cxrjax.eval import features, gradcam, stats
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval.report import PHANTOM_BANNER, fmt
+from cxrjax.sweep import plan
 
 TABLE_METRICS = (
   ('precision', 'Precision'),
@@ -29,7 +33,15 @@ TABLE_METRICS = (
   ('auroc', 'AUROC'),
   ('auprc', 'AUPRC'),
 )
-CLASSIC = ('class_weights', 'undersample', 'oversample', 'smote', 'augment', 'focal')
+
+
+def csv_text(rows: list[dict]) -> str:
+  buf = io.StringIO()
+  if rows:
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  return buf.getvalue()
 
 
 def classifier_dir(run_dir: str) -> str:
@@ -61,11 +73,9 @@ def _auroc(y, s):
 
 
 def _scores(workdir: str, method: str, seeds, positive: int):
-  from cxrjax import sweep as sweep_lib  # noqa: PLC0415 - avoids an import cycle
-
   cols, labels = [], None
   for s in seeds:
-    with np.load(os.path.join(classifier_dir(sweep_lib.run_dir(workdir, method, s)), 'predictions.npz')) as z:
+    with np.load(os.path.join(classifier_dir(plan.run_dir(workdir, method, s)), 'predictions.npz')) as z:
       cols.append(z['test_probs'][:, positive])
       labels = z['test_labels']
   return (labels == positive).astype(np.int64), np.stack(cols, 1)
@@ -73,9 +83,7 @@ def _scores(workdir: str, method: str, seeds, positive: int):
 
 def aggregate(sweep, workdir: str, records: dict) -> dict[str, Any]:
   """Per method: every table metric as mean +- CI over seeds, plus paired tests."""
-  from cxrjax import sweep as sweep_lib  # noqa: PLC0415
-
-  methods = sweep_lib.methods_of(sweep)
+  methods = plan.methods_of(sweep)
   seeds = list(sweep.seeds)
   primary = sweep.primary
   out: dict[str, Any] = {'methods': {}, 'primary': primary, 'seeds': seeds}
@@ -99,7 +107,7 @@ def aggregate(sweep, workdir: str, records: dict) -> dict[str, Any]:
         for c, v in gq['per_class'].items()
       }
     out['methods'][m] = row
-  classic = [m for m in methods if m in CLASSIC]
+  classic = [m for m in methods if m in plan.CLASSIC]
   best_classic = max(classic, key=lambda m: out['methods'][m]['f1']['mean']) if classic else None
   out['best_classic'] = best_classic
   positive = 1
@@ -141,16 +149,12 @@ def aggregate(sweep, workdir: str, records: dict) -> dict[str, Any]:
 
 def gradcam_section(sweep, workdir: str, records: dict, agg: dict) -> dict[str, Any]:
   """Grad-CAM/Grad-CAM++ grids on fixed test images, and the lung-focus score per method."""
-  from cxrjax import sweep as sweep_lib  # noqa: PLC0415
-
-  methods = sweep_lib.methods_of(sweep)
+  methods = plan.methods_of(sweep)
   seeds = list(sweep.seeds)
-  first = classifier_dir(sweep_lib.run_dir(workdir, methods[0], seeds[0]))
+  first = classifier_dir(plan.run_dir(workdir, methods[0], seeds[0]))
   _, _, info = features.load_classifier(os.path.join(first, 'export'))
   # The test images are read again from the data the runs used (recorded in their config).
-  from cxrjax.data import sources  # noqa: PLC0415
-
-  cfg = sweep_lib.method_config(sweep, methods[0], seeds[0], workdir)
+  cfg = plan.method_config(sweep, methods[0], seeds[0], workdir)
   test = sources.load_dataset(cfg.data, cfg.seed).splits['test']
   rng = seeding.numpy_rng(0, 'sweep/gradcam')
   half = max(sweep.gradcam_images // 2, 1)
@@ -169,7 +173,7 @@ def gradcam_section(sweep, workdir: str, records: dict, agg: dict) -> dict[str, 
     grids = {}
     for s in seeds:
       model, variables, _ = features.load_classifier(
-        os.path.join(classifier_dir(sweep_lib.run_dir(workdir, m, s)), 'export')
+        os.path.join(classifier_dir(plan.run_dir(workdir, m, s)), 'export')
       )
       for method in scores:
         key = (repr(model), method)  # a linen module's repr lists its whole configuration
@@ -316,8 +320,6 @@ def _total_minutes(workdir: str) -> str:
 
 def _profile_section(exp) -> list[str]:
   """Every field in which this sweep's experiment differs from the published ('full') settings."""
-  from cxrjax import config_lib  # noqa: PLC0415
-
   diffs = config_lib.differences_from_full(exp)
   if not diffs:
     return ['Profile `full`: published architectures and schedules (no differences).', '']
@@ -329,9 +331,7 @@ def _profile_section(exp) -> list[str]:
 
 def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
   """Writes table.md, table.csv, stats.json, the PNGs and report.md into the sweep folder."""
-  from cxrjax import sweep as sweep_lib  # noqa: PLC0415
-
-  methods = sweep_lib.methods_of(sweep)
+  methods = plan.methods_of(sweep)
   seeds = list(sweep.seeds)
   first = records[(methods[0], seeds[0])]
   phantom = bool(first.get('phantom'))
@@ -343,8 +343,6 @@ def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
   has_alpha = _alpha_plot(agg, os.path.join(workdir, 'alpha_sweep.png'))
   _curves_plot(records, methods, seeds, os.path.join(workdir, 'training_curves.png'))
   table = markdown_table(agg, cams)
-  from cxrjax.sweep import csv_text  # noqa: PLC0415
-
   fileio.atomic_write_text(os.path.join(workdir, 'table.md'), table + '\n')
   fileio.atomic_write_text(os.path.join(workdir, 'table.csv'), csv_text(table_rows(agg, cams)))
   fileio.atomic_write_json(os.path.join(workdir, 'stats.json'), dict(aggregate=agg, gradcam=cams))
@@ -400,7 +398,7 @@ def write(sweep, workdir: str, records: dict, wall_time_s: float) -> dict:
   for m in methods:
     lines.append(
       f'- {m}: '
-      + ', '.join(f'[seed {s}]({os.path.relpath(sweep_lib.run_dir(workdir, m, s), workdir)}/report.md)' for s in seeds)
+      + ', '.join(f'[seed {s}]({os.path.relpath(plan.run_dir(workdir, m, s), workdir)}/report.md)' for s in seeds)
     )
   fileio.atomic_write_text(os.path.join(workdir, 'report.md'), '\n'.join(lines) + '\n')
   progress.log(f'[sweep] report: {os.path.join(workdir, "report.md")}')
