@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import flax
@@ -32,11 +31,8 @@ from cxrjax.errors import UserError
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
 from cxrjax.models import build_classifier
-from cxrjax.trainers import common
-
-
-class TrainingDiverged(UserError):
-  """Loss or parameters became NaN/Inf."""
+from cxrjax.trainers import common, loop
+from cxrjax.trainers.program import Program
 
 
 @flax.struct.dataclass
@@ -197,46 +193,52 @@ def train_and_evaluate(
     run.close()
 
 
+def program(config, num_classes: int, image_shape, backend: Backend, total_steps: int, steps_per_epoch: int) -> Program:
+  """The classifier's training program: `config.model` on `backend`'s layers, `config.optim`, `config.loss`."""
+  model = build_classifier(config.model, num_classes, image_shape, backend.layers)
+  tx, schedule = common.make_optimizer(config.optim, total_steps, steps_per_epoch, backend)
+  init_rng = common.base_key(config, 'classifier/init')
+  return Program(
+    name=config.model.name,
+    init=functools.partial(create_state, model, tx, image_shape, init_rng, use_ema=config.model.ema_decay > 0),
+    step=make_train_step(model, tx, config.loss, config.model.ema_decay),
+    init_options=backend.compile_options('init'),
+    step_options=backend.compile_options(config.model.name),
+    modules={'classifier': model},
+    schedule=schedule,
+  )
+
+
 def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, total_steps: int, backend) -> dict:
   ds, ts = data.dataset, data.training_set
   k = ds.num_classes
   common.banner(data, config, backend)
-  model = build_classifier(config.model, k, ds.image_shape, backend.layers)
-  tx, schedule = common.make_optimizer(config.optim, total_steps, spe, backend)
-  init_rng = common.base_key(config, 'classifier/init')
-  step_rng = common.base_key(config, 'classifier/step')
-
-  use_ema = config.model.ema_decay > 0
-  init_fn = functools.partial(create_state, model, tx, ds.image_shape, use_ema=use_ema)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_sh = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  repl = mesh_lib.replicated(mesh)
-  batch_sh = mesh_lib.batch_sharding(mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh, compiler_options=backend.compile_options('init'))(init_rng)
+  prog = program(config, k, ds.image_shape, backend, total_steps, spe)
+  model = prog.modules['classifier']
+  state_sh = mesh_lib.state_shardings(jax.eval_shape(prog.init), mesh, config.mesh.fsdp_min_size)
   variables_sh = {'params': state_sh.params, 'batch_stats': state_sh.batch_stats}
-
-  train_step = jax.jit(
-    make_train_step(model, tx, config.loss, config.model.ema_decay),
-    in_shardings=(state_sh, batch_sh, repl),
-    out_shardings=(state_sh, repl),
-    donate_argnums=(0,),
-    compiler_options=backend.compile_options(config.model.name),
-  )
+  batch_sh = mesh_lib.batch_sharding(mesh)
   predict = jax.jit(make_predict(model), in_shardings=(variables_sh, batch_sh), out_shardings=batch_sh)
-  copy_best = jax.jit(eval_variables, out_shardings=variables_sh)
 
-  ckpt = checkpoint.Checkpointer(run.path('ckpt'))
-  meta: dict[str, Any] = dict(history=[], best=None, config_hash=None, wall_time=0.0)
-  best_vars = copy_best(state)
-  start_step = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    trees, meta = ckpt.restore(
-      latest, {'state': abstract_with(state, state_sh), 'best': abstract_with(best_vars, variables_sh)}
+  def validate(step: int, state, train_avg: dict) -> tuple[float, dict]:
+    variables = eval_variables(state)
+    if not all(common.finite(x) for x in jax.tree.leaves(jax.device_get(variables['params']))):
+      raise loop.TrainingDiverged(f'[classifier] parameters became NaN/Inf by step {step}')
+    val_probs = predict_split(predict, variables, ds.splits['val'], config.eval_batch_size, mesh)
+    vm = evaluate(val_probs, ds.splits['val'], config, ds.class_names)
+    keys = config_select_keys(vm)
+    record = dict(epoch=step // spe, step=step, train_loss=train_avg.get('loss'),
+                  train_accuracy=train_avg.get('accuracy'), lr=float(prog.schedule(step)),
+                  **{f'val_{key}': vm[key] for key in keys})  # fmt: skip
+    run.writer.scalars(step, {f'val/{key}': vm[key] for key in keys})
+    return _select_value(vm, config.select_metric), record
+
+  def report_epoch(step: int, record: dict, improved: bool) -> None:
+    metric = config.select_metric
+    progress.log(
+      f'[classifier] epoch {step // spe}/{config.num_epochs} val {metric} {record[f"val_{metric}"]:.4f}'
+      f' auroc {record["val_auroc"]:.4f} f1 {record["val_f1"]:.4f}' + (' (best)' if improved else '')
     )
-    state, best_vars = trees['state'], trees['best']
-    start_step = int(latest)
-    progress.log(f'resumed from {run.path("ckpt")} at step {start_step} (epoch {start_step // spe})')
 
   augment = AugmentParams.from_config(config.data.augment)
   train_ds = pipeline.make_train_dataset(
@@ -248,91 +250,37 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  it = pipeline.train_iterator(
-    train_ds,
-    start_step,
-    num_threads=config.data.num_threads,
-    prefetch=config.data.prefetch,
-    num_workers=config.data.num_workers,
+  result = loop.run(
+    prog,
+    name='classifier',
+    workdir=run.workdir,
+    mesh=mesh,
+    make_batches=lambda start: pipeline.train_iterator(
+      train_ds,
+      start,
+      num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch,
+      num_workers=config.data.num_workers,
+    ),  # fmt: skip
+    total_steps=total_steps,
+    rng=common.base_key(config, 'classifier/step'),
+    log_every=config.log_every_steps,
+    checkpoint_every=config.checkpoint_every_steps,
+    fsdp_min_size=config.mesh.fsdp_min_size,
+    config_hash=config_lib.config_hash(config),
+    writer=run.writer,
+    batch_size=config.batch_size,
+    validation=loop.Validation(
+      every=spe,
+      evaluate=validate,
+      keep=eval_variables,
+      shardings=variables_sh,
+      metric=config.select_metric,
+      report=report_epoch,
+    ),  # fmt: skip
+    metric_prefix='train',
   )
-  prog = progress.Progress('classifier', total_steps, start_step)
-  wall0, t_session = float(meta.get('wall_time', 0.0)), time.time()
-  wait0, wait_s = float(meta.get('input_wait_s', 0.0)), 0.0
-  pending: list[tuple[int, dict]] = []
-  last_good = start_step if latest is not None else None
-  step = start_step
-  t_interval = time.time()
-  images_interval = 0
-
-  def flush_metrics(step_now: int) -> dict:
-    if not pending:
-      return {}
-    host = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, host):
-      if not np.isfinite(m['loss']):
-        raise TrainingDiverged(
-          f'loss became {m["loss"]} at step {s + 1}; last good checkpoint: '
-          + (f'{run.path("ckpt")}/{last_good}' if last_good is not None else 'none (diverged before the first save)')
-        )
-    avg = {key: float(np.mean([m[key] for m in host])) for key in host[0]}
-    pending.clear()
-    return avg
-
-  while step < total_steps:
-    t0 = time.time()
-    local = next(it)  # time blocked here is time the trainer waits on input
-    wait_s += time.time() - t0
-    batch = mesh_lib.to_global(local, mesh)
-    state, m = train_step(state, batch, step_rng)
-    pending.append((step, m))
-    step += 1
-    faults.maybe_fail('train-step', step, before_kill=ckpt.wait)
-    images_interval += config.batch_size
-    if step % config.log_every_steps == 0 or step % spe == 0:
-      avg = flush_metrics(step)
-      dt = time.time() - t_interval
-      ips = images_interval / dt if dt > 0 else 0.0
-      t_interval, images_interval = time.time(), 0
-      lr = float(schedule(step))
-      run.writer.scalars(
-        step, {f'train/{key}': v for key, v in avg.items()} | {'train/lr': lr, 'train/images_per_s': ips}
-      )
-      prog.report(step, epoch=f'{(step - 1) // spe + 1}/{config.num_epochs}', loss=avg['loss'], lr=lr,
-                  img_s=round(ips, 1), input_wait=f'{100 * wait_s / max(time.time() - t_session, 1e-9):.1f}%')  # fmt: skip
-    if step % spe == 0:
-      epoch = step // spe
-      variables = eval_variables(state)
-      if not all(common.finite(x) for x in jax.tree.leaves(jax.device_get(variables['params']))):
-        raise TrainingDiverged(
-          f'parameters became NaN/Inf by step {step}; last good checkpoint: '
-          + (f'{run.path("ckpt")}/{last_good}' if last_good is not None else 'none (diverged before the first save)')
-        )
-      val_probs = predict_split(predict, variables, ds.splits['val'], config.eval_batch_size, mesh)
-      vm = evaluate(val_probs, ds.splits['val'], config, ds.class_names)
-      record = dict(epoch=epoch, step=step, train_loss=avg.get('loss'), train_accuracy=avg.get('accuracy'),
-                    lr=float(schedule(step)), **{f'val_{key}': vm[key] for key in config_select_keys(vm)})  # fmt: skip
-      meta['history'].append(record)
-      value = _select_value(vm, config.select_metric)
-      improved = meta['best'] is None or (value == value and value > meta['best']['value'])
-      if improved:
-        best_vars = copy_best(state)
-        meta['best'] = dict(epoch=epoch, step=step, value=float(value), metric=config.select_metric)
-      run.writer.scalars(step, {f'val/{key}': vm[key] for key in config_select_keys(vm)})
-      progress.log(
-        f'[classifier] epoch {epoch}/{config.num_epochs} val {config.select_metric} {vm[config.select_metric]:.4f}'
-        f' auroc {vm["auroc"]:.4f} f1 {vm["f1"]:.4f}' + (' (best)' if improved else '')
-      )
-      meta['wall_time'] = wall0 + time.time() - t_session
-      meta['input_wait_s'] = wait0 + wait_s
-      ckpt.save(step, {'state': state, 'best': best_vars}, meta)
-      faults.maybe_fail('checkpoint-save', step)
-      last_good = step
-    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-      ckpt.save(step, {'state': state, 'best': best_vars}, meta)
-      last_good = step
-  ckpt.wait()
-  meta['wall_time'] = wall0 + time.time() - t_session
-  meta['input_wait_s'] = wait0 + wait_s
+  best_vars, meta = result.best, result.meta
 
   # Test the best checkpoint: threshold 0.5 and the Youden threshold chosen on validation.
   val_probs = predict_split(predict, best_vars, ds.splits['val'], config.eval_batch_size, mesh)
@@ -358,7 +306,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
       input_wait_fraction=float(meta.get('input_wait_s', 0.0)) / max(meta['wall_time'], 1e-9),
       images_per_s=total_steps * config.batch_size / max(meta['wall_time'], 1e-9),
       best=meta['best'],
-      history=meta['history'],
+      history=meta['validation'],
     ),
     val=out_val,
     test=out_test,
@@ -379,7 +327,6 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     )
     faults.maybe_fail('final-eval')
     report.write_classifier_outputs(run.workdir, record, ds.class_names)
-  ckpt.close()
   t = out_test.get('youden', out_test['threshold_0.5'])
   progress.log(
     f'[classifier] test ({"youden" if k == 2 else "argmax"}): auroc {t["auroc"]:.4f} f1 {t["f1"]:.4f}'
@@ -405,10 +352,6 @@ def export_classifier(path: str, variables, config, ds) -> None:
   checkpoint.save_tree(os.path.join(path, 'variables'), variables)
   if jax.process_index() == 0:
     fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
-
-
-def abstract_with(tree, shardings):
-  return checkpoint.abstract(tree, shardings)
 
 
 def count_params(params) -> int:

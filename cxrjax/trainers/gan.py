@@ -35,6 +35,7 @@ from cxrjax.models import DTYPES
 from cxrjax.models.dcgan import Discriminator, Generator
 from cxrjax.models.layers import STOCK, Layers
 from cxrjax.trainers import loop
+from cxrjax.trainers.program import Program
 
 
 @flax.struct.dataclass
@@ -195,16 +196,21 @@ def make_gan_step(gen: Generator, disc: Discriminator, g_tx, d_tx, cfg, num_clas
 # ----------------------------------------------------------------------------- training
 
 
-def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels: int, name: str, class_names,
-               backend: Backend):  # fmt: skip
-  """Trains one generator (conditional over all classes, or on one class's images)."""
+def program(cfg, channels: int, num_classes: int, backend: Backend, key: jax.Array) -> Program:
+  """The (c)DCGAN training program: G and D on `backend`'s layers, Adam, one jitted D-then-G step.
+
+  Args:
+    cfg: the experiment config (`cfg.gan`, `cfg.data.image_size`, `cfg.model.dtype`).
+    channels: image channels.
+    num_classes: classes of the data (the generator is conditional on them when `gan.conditional`).
+    backend: the platform backend.
+    key: the initialization key.
+  """
   g = cfg.gan
   gen, disc = build(cfg, channels, num_classes, backend.layers)
   g_tx = backend.adam(g.lr_g, b1=g.b1, b2=g.b2)
   d_tx = backend.adam(g.lr_d, b1=g.b1, b2=g.b2)
   size = cfg.data.image_size
-  gseed = config_lib.generator_seed(cfg)
-  key = seeding.jax_key(gseed, f'gan/{name}/init')
   k = num_classes if g.conditional else 0
 
   def init_fn():
@@ -218,6 +224,25 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
       d_stats=dv.get('batch_stats', {}), g_opt=g_tx.init(gv['params']), d_opt=d_tx.init(dv['params']),
       g_ema={'params': gv['params'], 'batch_stats': gv.get('batch_stats', {})},
     )  # fmt: skip
+
+  return Program(
+    name='dcgan',
+    init=init_fn,
+    step=make_gan_step(gen, disc, g_tx, d_tx, cfg, max(num_classes, 2)),
+    init_options=backend.compile_options('init'),
+    step_options=backend.compile_options('dcgan'),
+    modules={'generator': gen, 'discriminator': disc},
+  )
+
+
+def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels: int, name: str, class_names,
+               backend: Backend):  # fmt: skip
+  """Trains one generator (conditional over all classes, or on one class's images)."""
+  g = cfg.gan
+  gseed = config_lib.generator_seed(cfg)
+  prog = program(cfg, channels, num_classes, backend, seeding.jax_key(gseed, f'gan/{name}/init'))
+  gen = prog.modules['generator']
+  k = num_classes if g.conditional else 0
 
   sample = make_sampler(gen, k)
   fixed_z = jax.random.normal(seeding.jax_key(gseed, 'gan/grid'), (64, g.latent_dim))
@@ -251,10 +276,9 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
       )  # fmt: skip
 
   result = loop.run(
+    prog,
     name=f'gan:{name}',
     workdir=workdir,
-    init_fn=init_fn,
-    step_fn=make_gan_step(gen, disc, g_tx, d_tx, cfg, max(num_classes, 2)),
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       images_split,
@@ -271,8 +295,6 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[watch],
     batch_size=g.batch_size,
-    backend=backend,
-    program='dcgan',
   )
   return gen, result
 

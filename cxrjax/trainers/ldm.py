@@ -30,6 +30,7 @@ from cxrjax.models.autoencoder import KLAutoencoder, ae_loss
 from cxrjax.models.layers import STOCK, Layers
 from cxrjax.models.unet import UNet
 from cxrjax.trainers import loop
+from cxrjax.trainers.program import Program
 
 
 @flax.struct.dataclass
@@ -131,25 +132,72 @@ def _tx(backend: Backend, lr: float, steps: int, warmup: int = 0):
   return backend.adam(schedule)
 
 
-def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
-  """Trains (or restores) the autoencoder; returns (model, params, latent scale, result)."""
-  image_shape = data.dataset.image_shape
+def autoencoder_program(cfg, image_shape, backend: Backend, key: jax.Array) -> Program:
+  """The KL autoencoder's training program (`cfg.ldm.ae`) on `backend`'s layers."""
   model = build_autoencoder(cfg, image_shape[-1], backend.layers)
   a = cfg.ldm.ae
   tx = _tx(backend, a.lr, a.steps)
-  gseed = config_lib.generator_seed(cfg)
-  key = seeding.jax_key(gseed, 'ldm/ae/init')
 
   def init_fn():
     params = model.init({'params': key, 'sample': key}, jnp.zeros((1, *image_shape)))['params']
     return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  return Program(
+    name='autoencoder',
+    init=init_fn,
+    step=make_ae_step(model, tx, a.kl_weight),
+    init_options=backend.compile_options('init'),
+    step_options=backend.compile_options('autoencoder'),
+    modules={'autoencoder': model},
+  )
+
+
+def diffusion_program(
+  cfg, num_classes: int, latent_shape, encode_fn, scale: float, backend: Backend, key: jax.Array
+) -> Program:
+  """The latent denoiser's training program (`cfg.ldm.unet`) on `backend`'s layers.
+
+  Args:
+    cfg: the experiment config.
+    num_classes: real classes (the label `num_classes` is the null label of guidance).
+    latent_shape: (h, w, c) of the latents.
+    encode_fn: (images in [-1, 1], rng) -> latents (a posterior sample of the autoencoder).
+    scale: the latents' scale factor (to unit variance).
+    backend: the platform backend.
+    key: the initialization key.
+  """
+  unet = build_unet(cfg, num_classes, backend.layers)
+  u = cfg.ldm.unet
+  tx = _tx(backend, u.lr, u.steps, u.warmup_steps)
+  schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
+
+  def init_fn():
+    z, t = jnp.zeros((1, *latent_shape)), jnp.zeros((1,), jnp.int32)
+    params = unet.init(key, z, t, t)['params']
+    return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
+
+  return Program(
+    name='unet',
+    init=init_fn,
+    step=make_diffusion_step(unet, encode_fn, tx, schedule, cfg, scale, num_classes),
+    init_options=backend.compile_options('init'),
+    step_options=backend.compile_options('unet'),
+    modules={'unet': unet},
+  )
+
+
+def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
+  """Trains (or restores) the autoencoder; returns (model, params, latent scale, result)."""
+  image_shape = data.dataset.image_shape
+  a = cfg.ldm.ae
+  gseed = config_lib.generator_seed(cfg)
+  prog = autoencoder_program(cfg, image_shape, backend, seeding.jax_key(gseed, 'ldm/ae/init'))
+  model = prog.modules['autoencoder']
   workdir = os.path.join(gen_dir, 'autoencoder')
   result = loop.run(
+    prog,
     name='autoencoder',
     workdir=workdir,
-    init_fn=init_fn,
-    step_fn=make_ae_step(model, tx, a.kl_weight),
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       data.train,
@@ -165,8 +213,6 @@ def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
     fsdp_min_size=cfg.mesh.fsdp_min_size,
     config_hash=config_lib.generator_hash(cfg),
     batch_size=a.batch_size,
-    backend=backend,
-    program='autoencoder',
   )
   params = result.state.params
   # Latent scale factor: 1 / std of the posterior means over (up to) 512 training
@@ -195,21 +241,17 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
   del needed
   k = data.num_classes
   ae_model, ae_params, scale, ae_result = _load_ae(cfg, gen_dir, data, mesh, backend)
-  unet = build_unet(cfg, k, backend.layers)
   u = cfg.ldm.unet
-  tx = _tx(backend, u.lr, u.steps, u.warmup_steps)
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   latent = ae_model.latent_shape(data.dataset.image_shape)
   gseed = config_lib.generator_seed(cfg)
-  key = seeding.jax_key(gseed, 'ldm/unet/init')
-
-  def init_fn():
-    params = unet.init(key, jnp.zeros((1, *latent)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))['params']
-    return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
 
   def encode_fn(x, rng):
     mean, logvar = ae_model.apply({'params': ae_params}, x, method='encode')
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+
+  prog = diffusion_program(cfg, k, latent, encode_fn, scale, backend, seeding.jax_key(gseed, 'ldm/unet/init'))
+  unet = prog.modules['unet']
 
   workdir = os.path.join(gen_dir, 'diffusion')
   sample_fn = make_sampler(cfg, ae_model, unet, schedule, scale, k, data.dataset.image_shape)
@@ -225,10 +267,9 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
       )  # fmt: skip
 
   result = loop.run(
+    prog,
     name='diffusion',
     workdir=workdir,
-    init_fn=init_fn,
-    step_fn=make_diffusion_step(unet, encode_fn, tx, schedule, cfg, scale, k),
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       data.train,
@@ -245,8 +286,6 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[save_samples],
     batch_size=u.batch_size,
-    backend=backend,
-    program='unet',
   )
   samples_png = os.path.join('generator', 'diffusion', 'samples', f'step_{u.steps:06d}.png')
   handle = dict(unet_ema=result.state.ema, ae_params=ae_params, scale=scale, ae_model=ae_model, unet=unet)
