@@ -190,8 +190,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ldm.schedule = 'linear'  # 'linear' or 'cosine'
   c.ldm.num_timesteps = 1000
   # 'v' (Salimans & Ho): its x0 estimate stays well conditioned at the noisiest steps. 'eps' with
-  # this schedule divides by sqrt(abar_T) ~ 0.006 there; measured (BUILD_NOTES, issue 5) its DDIM
-  # samples left the data (latent std ~10 against 1) and decoded to noise.
+  # this schedule divides by sqrt(abar_T) ~ 0.006 there, and its DDIM samples left the data and
+  # decoded to noise (BUILD_NOTES.md).
   c.ldm.prediction = 'v'  # 'eps' or 'v'
   c.ldm.label_dropout = 0.1  # classifier-free guidance training
   c.ldm.guidance_scale = 2.0  # 1: the conditional model; > 1 stronger class signal

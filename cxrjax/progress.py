@@ -50,7 +50,7 @@ def _summary_writer_class():
 
   tensorboardX imports PyTorch at import time, if it is installed, only to accept torch
   tensors as values; cxrjax logs Python floats. With PyTorch installed (the `bench`
-  extra, or a researcher's environment) that import took 2 s of every run's start. A
+  extra, or a researcher's environment) that import would slow every run's start. A
   `None` entry in `sys.modules` makes its `import torch` fail as if PyTorch were absent;
   the entry is removed afterwards, so a later `import torch` works as usual.
   """

@@ -54,7 +54,7 @@ def chest_xray(shared_data) -> Path:
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs `python -m cxrjax.main ARGS` in a fresh process."""
-  # The caller's NPROC would size XLA's thread pool and override what the run asks for (_xla_env).
+  # The caller's NPROC would size XLA's thread pool and override what the run asks for (the CPU backend).
   full_env = {k: v for k, v in os.environ.items() if k not in ('NPROC', 'PJRT_NPROC')}
   full_env.setdefault('CXRJAX_DATA_DIR', str(data_dir()))
   full_env.update(env or {})

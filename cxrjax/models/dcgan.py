@@ -6,7 +6,7 @@ one tanh); the discriminator mirrors it with stride-2 4x4 convolutions and
 LeakyReLU(0.2). With 64-px 3-channel images, `latent_dim=100` and widths 64,
 the unconditional generator and discriminator have exactly the 3,576,704 and
 2,765,568 parameters of the PyTorch DCGAN tutorial (tested), in the same
-layouts up to the transpositions documented in `cxrjax.models.upsample`.
+layouts up to the transpositions documented in `cxrjax.models.layers.ConvTranspose2x` and `Project`.
 
 Conditioning (`num_classes > 0`): the generator concatenates a learned label
 embedding (size `latent_dim`) to z; the discriminator is a projection

@@ -1,13 +1,12 @@
 // A cache of large memory blocks, preloaded (LD_PRELOAD) in front of glibc malloc.
 //
-// Why: XLA's CPU runtime mallocs each execution's scratch buffer (1.3 GB for the
-// ResNet-18 step at 28 px, 2.9 GB at 64 px) and frees it when the step ends.
-// cxrjax already keeps freed memory in glibc's heap (`_xla_env.configure_malloc`),
-// but with asynchronous dispatch the next step sometimes allocates its buffer
-// before the previous step has freed its own; glibc takes the second one from
-// fresh pages at the top of the heap and later fragments it: 148,000-735,000 page
-// faults and a 25% slower step, in some steps and not others (BUILD_NOTES.md,
-// issue 8). Here every request of at least
+// Why: XLA's CPU runtime mallocs each execution's scratch buffer (gigabytes for a
+// ResNet-18 step) and frees it when the step ends. The CPU backend already keeps
+// freed memory in glibc's heap (`process.configure_malloc`), but with asynchronous
+// dispatch the next step sometimes allocates its buffer before the previous step
+// has freed its own; glibc takes the second one from fresh pages at the top of the
+// heap and later fragments it: storms of page faults and slower steps, in some
+// steps and not others (BUILD_NOTES.md). Here every request of at least
 // CXRJAX_BLOCK_CACHE_MB megabytes (default 64) gets its own `mmap`ed block; a
 // freed block is kept, whole, for the next request of about its size, so the
 // same pages (two blocks when steps overlap) serve every step. Nothing else ever

@@ -135,7 +135,7 @@ def _weight_grad(x, dy, w_shape, strides, padding, groups):
     # A strided 1x1 kernel sees every stride-th pixel, so its weight gradient is the
     # stride-1 one of those pixels. A workaround: oneDNN 3.2's 1x1 weight gradient with
     # stride 2 (jit_1x1) writes past the scratchpad it asks for at 64 px and above (heap
-    # corruption in a 64-px smoke run; tests/test_onednn.py keeps a regression case);
+    # corruption in a 64-px smoke run; tests/test_cpu_kernels.py keeps a regression case);
     # stride 1 is unaffected.
     oh, ow = dy.shape[1:3]
     x = x[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]

@@ -1,5 +1,5 @@
 // oneDNN 2-D convolutions (forward, input gradient, weight gradient) as one XLA FFI
-// custom call for JAX's CPU backend. Built on first use by cxrjax/ops/onednn.py
+// custom call for JAX's CPU backend. Built on first use by cxrjax/backends/cpu/onednn.py
 // against the libdnnl.so.3 of the `onednn-cpu-gomp` wheel (oneDNN 3.x, GNU OpenMP).
 //
 // Layouts are JAX's: activations NHWC, kernels HWIO, all row-major. They are given
@@ -471,7 +471,7 @@ ffi::Error BatchNormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, 
 // with a1 = 1 - b1, a2 = 1 - b2 (rounded to float32 from double, as optax's), d1 = 1 - b1^t
 // and d2 = 1 - b2^t computed by the caller. m and v are updated in
 // place (aliased to outputs). Not oneDNN: XLA's CPU fusions ran this as four passes per
-// parameter with materialised scalar broadcasts, ~75 ms of a ResNet-18 28-px step.
+// parameter with materialised scalar broadcasts.
 ffi::Error AdamUpdate(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v,
                       ffi::Buffer<ffi::F32> d1, ffi::Buffer<ffi::F32> d2, ffi::ResultBuffer<ffi::F32> u,
                       ffi::ResultBuffer<ffi::F32> m_out, ffi::ResultBuffer<ffi::F32> v_out, float a1, float b1,

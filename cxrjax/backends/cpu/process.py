@@ -50,7 +50,7 @@ NO_ELEMENTWISE_YNN = {
 
 # LLVM optimization level 1 for the programs that initialize parameters and optimizer state: they
 # are mostly random-number generation, compile into hundreds of loop fusions, and run once; at
-# level 1 they compile faster and give the same bits (tests/test_cpu_backend.py checks it).
+# level 1 they compile faster and give the same bits (tests/test_cpu_process.py checks it).
 INIT_OPTIONS = {'xla_backend_optimization_level': 1}
 
 # glibc's mallopt parameters (malloc.h).

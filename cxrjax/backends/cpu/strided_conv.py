@@ -85,10 +85,12 @@ def strided_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     The NHWC output, as `lax.conv_general_dilated` with stride 2 and padding k // 2.
   """
+  _phase_taps(kernel.shape[0])  # refuses even kernels before any work
   return _conv(x, kernel)
 
 
 def _strided_conv_fwd(x, kernel):
+  _phase_taps(kernel.shape[0])
   return _conv(x, kernel), (x, kernel)
 
 
