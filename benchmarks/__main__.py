@@ -1,10 +1,6 @@
-"""`python -m cxrjax.bench`: JAX against PyTorch on CPU; see `cxrjax.bench.harness`."""
+"""`python -m benchmarks`, from the repository root: JAX against PyTorch; see `benchmarks.run`."""
 
-from cxrjax import _xla_env
+from benchmarks import run
 
 if __name__ == '__main__':
-  # Before anything starts; the worker processes (JAX and PyTorch alike) inherit the preload.
-  _xla_env.reexec_with_block_cache()
-  from cxrjax.bench import harness  # after the restart
-
-  harness.main()
+  run.main()

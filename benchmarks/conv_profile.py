@@ -5,19 +5,19 @@ stride) it times the forward pass, the input gradient and the weight gradient in
 JAX and in PyTorch eager (channels_last and contiguous, the faster reported);
 multiplied by how often each layer occurs, this says how much of a full step the
 convolutions take and which side is faster where. The JAX convolutions are the
-ones the ResNet uses (`--convolution`, resolved as the trainers do: cxrjax's
-oneDNN custom call on one CPU device, else XLA's, with the custom-VJP strided
-convolution for stride 2; an XLA run adds a table of what XLA's autodiff alone
-gives for those). PyTorch's gradients are `aten::convolution_backward` asked for
-one output each. `--statistic min` (the fastest repetition) resists a noisy
-host's bursts better than the median.
+ResNet's own: its backend's `layers.conv` (`--kernels`, selected as
+`config.kernels` is: the CPU backend's oneDNN convolutions on one CPU device, or
+stock XLA convolutions and their autodiff). PyTorch's gradients are
+`aten::convolution_backward` asked for one output each. `--statistic min` (the
+fastest repetition) resists a noisy host's bursts better than the median.
 
-  python -m cxrjax.bench.conv_profile --image-size 28 --batch 128 --width 64
-  python -m cxrjax.bench.conv_profile --convolution onednn --statistic min --reps 15 --no-step
+  python -m benchmarks.conv_profile --image-size 28 --batch 128 --width 64
+  python -m benchmarks.conv_profile --kernels cpu --statistic min --reps 15 --no-step
 
-Then it times the whole training step of both (as `python -m cxrjax.bench` does,
-interleaved; PyTorch channels_last with the same threads) and prints what is left
-outside the convolutions: step time minus the summed convolution times.
+Then it times the whole training step of both (the benchmark's resnet18 case:
+the classifier trainer's program, and PyTorch channels_last with the same
+threads, interleaved, in this one process) and prints what is left outside the
+convolutions: step time minus the summed convolution times.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrjax import _xla_env
-from cxrjax.models import strided_conv
-from cxrjax.ops import onednn
+from benchmarks import cases, timing, torch_process
+from benchmarks.plan import Variant
+from cxrjax import backends
+from cxrjax.config_lib import KERNELS
+from cxrjax.errors import UserError
+from cxrjax.models.layers import Layers
 
 
 def resnet18_convs(size: int, width: int) -> Counter:
@@ -66,29 +69,20 @@ def _time_ms(fn, reps: int, statistic: str = 'median') -> float:
   return 1e3 * STATISTICS[statistic](ts)
 
 
-def jax_conv_times(
-  batch, h, cin, cout, k, stride, reps, autodiff: bool = False, impl: str = 'xla', statistic: str = 'median'
-) -> dict[str, float]:
-  """ms of forward, input gradient and weight gradient.
+def jax_conv_times(batch, h, cin, cout, k, stride, reps, layers: Layers, statistic: str = 'median') -> dict[str, float]:
+  """ms of forward, input gradient and weight gradient of one bias-free `layers.conv`, as the ResNet builds it.
 
   Args:
-    impl: 'xla' (XLA's convolutions; stride 2 through `strided_conv`, as the ResNet) or 'onednn'
-      (`cxrjax.ops.onednn.conv` for every layer, as the ResNet on one CPU device).
-    autodiff: with 'xla', XLA's own gradients for stride 2 too.
+    layers: the backend's layers (`backend.layers`).
     statistic: 'median' or 'min' of the `reps` timings.
   """
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, h, h, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * 0.05, jnp.float32)
-  pad = [((k - 1) // 2, k // 2)] * 2  # as cxrjax's ResNet and PyTorch's padding=k // 2 (odd k)
+  layer = layers.conv(cout, (k, k), (stride, stride), padding=((k // 2, k // 2),) * 2, use_bias=False)
 
   def conv(x, w):
-    if impl == 'onednn':
-      return onednn.conv(x, w, (stride, stride), pad)
-    # As cxrjax's ResNet: the custom-VJP convolution (XLA's forward pass) for stride 2.
-    if stride == 2 and not autodiff:
-      return strided_conv.strided_conv(x, w)
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return layer.apply({'params': {'kernel': w}}, x)
 
   y = conv(x, w)
   dy = jnp.ones_like(y)
@@ -141,26 +135,19 @@ def torch_conv_backward(torch, dy, x, w, stride: int, wrt: str):
 
 
 def whole_step_ms(
-  batch: int, size: int, width: int, reps: int, torch_threads: int, impl: str = 'xla', statistic: str = 'median'
+  batch: int, size: int, width: int, reps: int, torch_threads: int, backend, statistic: str = 'median'
 ) -> tuple[float, float]:
-  """ms per ResNet-18 training step: (JAX, PyTorch eager channels_last), interleaved repetitions.
-
-  `impl` is the JAX convolutions' ('xla' or 'onednn'), as in the per-layer tables the step is compared with.
-  """
-  from cxrjax.bench import harness  # noqa: PLC0415 - imports the trainers
-
-  case = harness.classifier_case(f'resnet18_{size}', dict(batch=batch, image_size=size, width=width), impl)
-  jax_runner = case.make_jax()
-  torch_runner = harness.torch_runner(case.torch_build, harness.TorchSetting('channels_last', torch_threads))
-  times = {'jax': [], 'torch': []}
-  runners = [('jax', jax_runner), ('torch', torch_runner)]
-  for rep in range(reps):
-    for name, runner in runners[rep % 2 :] + runners[: rep % 2]:  # alternate which side runs first
-      t = time.perf_counter()
-      runner.run(2)
-      times[name].append((time.perf_counter() - t) / 2)
+  """ms per ResNet-18 training step: (JAX on `backend`, PyTorch eager channels_last), interleaved repetitions."""
+  case = cases.classifier_case(f'resnet18_{size}', dict(batch=batch, image_size=size, width=width), backend)
+  runners = [
+    case.jax_runner(Variant('jax')),
+    torch_process.torch_runner(
+      case.torch_build, Variant('torch', memory_format='channels_last', threads=torch_threads)
+    ),
+  ]
+  timing.interleave(runners, reps, 2, lambda msg: None)
   stat = STATISTICS[statistic]
-  return 1e3 * stat(times['jax']), 1e3 * stat(times['torch'])
+  return 1e3 * stat(runners[0].per_step), 1e3 * stat(runners[1].per_step)
 
 
 def main() -> None:
@@ -171,29 +158,30 @@ def main() -> None:
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--torch-threads', type=int, default=2)
   p.add_argument('--no-step', action='store_true', help='skip timing the whole training step')
-  p.add_argument('--convolution', choices=onednn.CHOICES, default='auto',
-                 help="JAX's convolutions, resolved as the trainers do ('auto': oneDNN on one CPU device)")  # fmt: skip
+  p.add_argument('--kernels', choices=KERNELS, default='auto',
+                 help="JAX's backend, selected as config.kernels is ('auto': the CPU backend on one CPU device)")  # fmt: skip
   p.add_argument('--statistic', choices=tuple(STATISTICS), default='median', help='of the repetitions')
   args = p.parse_args()
-  impl, impl_note = onednn.resolve(args.convolution)
-  import torch  # noqa: PLC0415 - the bench extra
+  try:
+    backend = backends.select(args.kernels)
+  except UserError as e:
+    p.error(str(e))
+  backend.configure_process('resnet18')  # before JAX starts, as a ResNet-18 run's (may restart this process once)
+  import torch  # noqa: PLC0415 - the bench extra, after the process is configured
 
   torch.set_num_threads(args.torch_threads)
-  rows, autodiff_rows, totals = [], [], Counter()
+  rows, totals = [], Counter()
   for (h, cin, cout, k, stride), n in sorted(resnet18_convs(args.image_size, args.width).items()):
-    j = jax_conv_times(args.batch, h, cin, cout, k, stride, args.reps, impl=impl, statistic=args.statistic)
+    j = jax_conv_times(args.batch, h, cin, cout, k, stride, args.reps, backend.layers, args.statistic)
     t_cl = torch_conv_times(torch, args.batch, h, cin, cout, k, stride, args.reps, True, args.statistic)
     t_cf = torch_conv_times(torch, args.batch, h, cin, cout, k, stride, args.reps, False, args.statistic)
     t = {key: min(t_cl[key], t_cf[key]) for key in j}
     rows.append(((h, cin, cout, k, stride), n, j, t))
-    if stride == 2 and impl == 'xla':  # what autodiff alone gives, for comparison (not in the sums)
-      plain = jax_conv_times(args.batch, h, cin, cout, k, stride, args.reps, True, statistic=args.statistic)
-      autodiff_rows.append(((h, cin, cout, k, stride), n, plain))
     for key in j:
       totals[f'jax_{key}'] += n * j[key]
       totals[f'torch_{key}'] += n * t[key]
   print(f'ResNet-18 CIFAR stem, {args.image_size}px, width {args.width}, batch {args.batch}; {args.statistic} ms'
-        f' per call of {args.reps}; JAX: {impl_note}; PyTorch {torch.__version__}'
+        f' per call of {args.reps}; JAX: {backend.describe()}; PyTorch {torch.__version__}'
         f' ({torch_onednn_version(torch)}):'
         f' the faster of channels_last/contiguous, {args.torch_threads} threads')  # fmt: skip
   print('| conv (H, Cin->Cout, k, stride) | count | JAX fwd | PT fwd | JAX dgrad | PT dgrad | JAX wgrad | PT wgrad |')
@@ -203,17 +191,11 @@ def main() -> None:
           f' {t["dgrad"]:.1f} | {j["wgrad"]:.1f} | {t["wgrad"]:.1f} |')  # fmt: skip
   print(f'| **sum x count** | | {totals["jax_fwd"]:.0f} | {totals["torch_fwd"]:.0f} | {totals["jax_dgrad"]:.0f} |'
         f' {totals["torch_dgrad"]:.0f} | {totals["jax_wgrad"]:.0f} | {totals["torch_wgrad"]:.0f} |')  # fmt: skip
-  if autodiff_rows:
-    print('\nStride-2 layers with JAX autodiff alone (nn.Conv; cxrjax uses strided_conv.StridedConv):')
-    print('| conv | JAX fwd | JAX dgrad | JAX wgrad |')
-    print('|---|---:|---:|---:|')
-    for (h, cin, cout, k, stride), _, j in autodiff_rows:
-      print(f'| {h}, {cin}->{cout}, {k}x{k}, s{stride} | {j["fwd"]:.1f} | {j["dgrad"]:.1f} | {j["wgrad"]:.1f} |')
 
   if args.no_step:
     return
   step_jax, step_torch = whole_step_ms(
-    args.batch, args.image_size, args.width, args.reps, args.torch_threads, impl, args.statistic
+    args.batch, args.image_size, args.width, args.reps, args.torch_threads, backend, args.statistic
   )
   conv_jax = totals['jax_fwd'] + totals['jax_dgrad'] + totals['jax_wgrad']
   conv_torch = totals['torch_fwd'] + totals['torch_dgrad'] + totals['torch_wgrad']
@@ -225,6 +207,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  # As `python -m cxrjax.bench`: the whole-step timing runs with the block cache the commands use.
-  _xla_env.reexec_with_block_cache()
   main()

@@ -1,42 +1,27 @@
-r"""Training-step throughput of the DCGAN with each way of upsampling, and PyTorch's.
+r"""Training-step throughput of the DCGAN per upsampling and kernels, and PyTorch's.
 
-  python -m cxrjax.bench.dcgan_upsampling [--sizes=64,28] [--batch=128] [--reps=5]
-      [--variants=plain,transpose,resize,transpose_xla_d] [--no-torch]
+  python -m benchmarks.dcgan_upsampling [--sizes=64,28] [--batch=128] [--reps=5]
+      [--upsample=transpose,resize] [--kernels=stock,cpu] [--no-torch]
 
-One step is DCGAN's (the PyTorch tutorial's): one generator forward pass, a
-discriminator update on a real and the (detached) fake batch, then a
-generator update through the updated discriminator; non-saturating loss,
-Adam(2e-4, b1=0.5) for both, BatchNorm in training mode. Real images are a
-fixed random batch (no input pipeline is timed). Channels 1, ngf = ndf = 64
+JAX: the GAN trainer's program (`gan.program`: D then G in one step,
+non-saturating loss, Adam(2e-4, b1=0.5), EMA of G) for each generator upsampling
+(`config.gan.upsample`: 'transpose', 4x4 stride-2 transposed convolutions, or
+'resize', nearest 2x then a 3x3 convolution) and each backend (`--kernels`:
+'stock', Flax layers and optax's Adam; 'cpu', the CPU backend's oneDNN layers and
+fused Adam). Both backends run in this one process, configured by the CPU backend
+when it is among `--kernels` (XLA's CPU flags, malloc, the block cache): the
+comparison isolates the layers, the Adam update and the per-program compile
+options. PyTorch: the twin networks in the same step (the benchmark's dcgan case),
+eager, NCHW and channels_last, with all threads and with one (OpenMP stalls at
+every barrier when another process holds a core), the fastest marked. Real images
+are a fixed random batch (no input pipeline is timed). Channels 1, ngf = ndf = 64
 by default.
 
-Variants (generator upsampling / discriminator downsampling):
-  plain            nn.ConvTranspose / nn.Conv (stock Flax; XLA emits lhs-dilated convolutions)
-  transpose        ConvTranspose2x / Conv2x (custom VJPs of cxrjax.models.upsample)
-  resize           nearest 2x + 3x3 conv / Conv2x
-  transpose_xla_d  ConvTranspose2x / nn.Conv (isolates the discriminator's share)
-
-Compile time is `jit(step).lower(...).compile()`; a warm-up step follows and
-is not timed; then `--reps` timed repetitions of enough steps to last about
-`--rep_seconds` each; images/s is batch / median step time. PyTorch (eager,
-same architecture and step, NCHW and channels_last, the fastest marked)
-runs when torch is installed, with all threads and with one (OpenMP stalls at every
-barrier when another process holds a core). On a shared machine the numbers move with the
-load: the load average is printed before and after, and repeating the run is
-the way to tell noise from differences.
-
-Measured (2 shared x86 cores, another training run on and off; median
-images/s of 5 runs of this script, each the median of 5 repetitions; the
-range over runs in brackets):
-
-  px  plain            transpose          resize            transpose_xla_d    torch (best: NHWC, 1 thread)
-  64  8.2 [7.9-8.5]    51.7 [32.8-83.3]   39.0 [26.9-41.8]  47.7 [30.3-75.4]   69.8 [69.1-73.6]
-  28  193 [173-331]    690 [567-1037]     513 [419-786]     701 [587-1141]     977 [943-1104]
-
-Compile times (median): 3.5, 4.3, 3.2, 4.2 s at 64 px; 2.0, 2.1, 1.8, 2.0 s
-at 28 px. PyTorch with both threads ranged from 18 to 1693 images/s with the
-load (27 and 82 typical), far below its single-thread rate when a core is
-busy, and above JAX when both cores were free (28 px: 1664-1693).
+Compile time is the step's `lower(...).compile()`; two warm-up steps follow and
+are not timed; then `--reps` interleaved repetitions of enough steps to last
+about `--rep_seconds` each; images/s is batch / median step time. On a shared
+machine the numbers move with the load: the load average is printed before and
+after, and repeating the run is the way to tell noise from differences.
 """
 
 from __future__ import annotations
@@ -44,167 +29,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
-import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
-from cxrjax.models import dcgan
-
-try:  # PyTorch is the optional reference (`pip install .[bench]`); cxrjax itself never needs it.
-  import torch
-except ImportError:  # pragma: no cover - depends on the environment
-  torch = None
-
-VARIANTS = {
-  'plain': ('transpose_xla', 'xla'),
-  'transpose': ('transpose', 'fast'),
-  'resize': ('resize', 'fast'),
-  'transpose_xla_d': ('transpose', 'xla'),
-}
-LATENT = 100
+from benchmarks import cases, timing, torch_process
+from benchmarks.plan import FORMATS, Variant
+from cxrjax import backends
+from cxrjax.errors import UserError
+from cxrjax.models.dcgan import UPSAMPLE_MODES
 
 
-def _timed_reps(run_steps, step_seconds: float, reps: int, rep_seconds: float) -> list[float]:
-  """Seconds per step of `reps` repetitions of n steps, n chosen from a warm-up step time."""
-  n = max(1, round(rep_seconds / max(step_seconds, 1e-6)))
-  out = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    run_steps(n)
-    out.append((time.perf_counter() - t) / n)
-  return out
-
-
-def jax_train_step(g: dcgan.Generator, d: dcgan.Discriminator, tx):
-  """DCGAN step on state (g_params, g_stats, d_params, d_stats, g_opt, d_opt)."""
-
-  def step(state, real, key):
-    gp, gs, dp, ds, go, do = state
-    z = jax.random.normal(key, (real.shape[0], LATENT))
-
-    def g_forward(gp):
-      fake, upd = g.apply({'params': gp, 'batch_stats': gs}, z, train=True, mutable=['batch_stats'])
-      return fake, upd['batch_stats']
-
-    # One generator forward pass serves both updates, as in PyTorch (`fake` is reused).
-    fake, g_vjp, gs = jax.vjp(g_forward, gp, has_aux=True)
-
-    def d_loss(dp, ds):
-      lr, upd = d.apply({'params': dp, 'batch_stats': ds}, real, train=True, mutable=['batch_stats'])
-      lf, upd = d.apply({'params': dp, 'batch_stats': upd['batch_stats']}, jax.lax.stop_gradient(fake), train=True,
-                        mutable=['batch_stats'])  # fmt: skip
-      return jnp.mean(jax.nn.softplus(-lr)) + jnp.mean(jax.nn.softplus(lf)), upd['batch_stats']
-
-    (dl, ds), dgrad = jax.value_and_grad(d_loss, has_aux=True)(dp, ds)
-    upd, do = tx.update(dgrad, do, dp)
-    dp = optax.apply_updates(dp, upd)
-
-    def g_loss(fake):
-      lf, upd = d.apply({'params': dp, 'batch_stats': ds}, fake, train=True, mutable=['batch_stats'])
-      return jnp.mean(jax.nn.softplus(-lf)), upd['batch_stats']
-
-    (gl, ds), dfake = jax.value_and_grad(g_loss, has_aux=True)(fake)
-    (ggrad,) = g_vjp(dfake)
-    upd, go = tx.update(ggrad, go, gp)
-    gp = optax.apply_updates(gp, upd)
-    return (gp, gs, dp, ds, go, do), (dl, gl)
-
-  return step
-
-
-def bench_jax(variant: str, size: int, batch: int, channels: int, width: int, reps: int, rep_seconds: float):
-  up, down = VARIANTS[variant]
-  g = dcgan.Generator(size, channels, LATENT, width, upsample=up)
-  d = dcgan.Discriminator(size, channels, width, downsample=down)
-  tx = optax.adam(2e-4, b1=0.5)
-  kg, kd, kx = jax.random.split(jax.random.key(0), 3)
-  gv = g.init(kg, jnp.zeros((2, LATENT)), train=False)
-  dv = d.init(kd, jnp.zeros((2, size, size, channels)), train=False)
-  state = (gv['params'], gv['batch_stats'], dv['params'], dv['batch_stats'],
-           tx.init(gv['params']), tx.init(dv['params']))  # fmt: skip
-  real = jnp.clip(jax.random.normal(kx, (batch, size, size, channels)) * 0.5, -1, 1)
-  t = time.perf_counter()
-  compiled = jax.jit(jax_train_step(g, d, tx), donate_argnums=0).lower(state, real, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t
-  keys = iter(jax.random.split(jax.random.key(2), 100_000))
-  holder = [state]
-
-  def run_steps(n):
-    for _ in range(n):
-      holder[0], losses = compiled(holder[0], real, next(keys))
-    jax.block_until_ready(losses)
-    return losses
-
-  t = time.perf_counter()
-  losses = run_steps(1)
-  warm = time.perf_counter() - t
-  assert np.all(np.isfinite(np.asarray(losses))), losses
-  return compile_s, _timed_reps(run_steps, warm, reps, rep_seconds)
-
-
-def torch_models(size: int, channels: int, width: int):
-  """The PyTorch tutorial's DCGAN generalised to 4x4 / 7x7 starts, as `cxrjax.models.dcgan` builds it."""
-  nn = torch.nn
-  start, n = dcgan.resolution_plan(size)
-  w = width * 2 ** (n - 1)
-  layers = [nn.ConvTranspose2d(LATENT, w, start, 1, 0, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)]
-  for i in range(1, n + 1):
-    out = channels if i == n else w // 2
-    layers.append(nn.ConvTranspose2d(w, out, 4, 2, 1, bias=False))
-    layers += [nn.Tanh()] if i == n else [nn.BatchNorm2d(out), nn.ReLU(True)]
-    w = out
-  gen = nn.Sequential(*layers)
-  layers, c = [], channels
-  for i in range(n):
-    layers.append(nn.Conv2d(c, width * 2**i, 4, 2, 1, bias=False))
-    c = width * 2**i
-    layers += ([nn.BatchNorm2d(c)] if i > 0 else []) + [nn.LeakyReLU(0.2, inplace=True)]
-  layers.append(nn.Conv2d(c, 1, start, 1, 0, bias=False))
-  return gen, nn.Sequential(*layers)
-
-
-def bench_torch(
-  size: int, batch: int, channels: int, width: int, reps: int, rep_seconds: float, channels_last: bool, threads: int
-):
-  torch.set_num_threads(threads)
-  torch.manual_seed(0)
-  gen, disc = torch_models(size, channels, width)
-  fmt = torch.channels_last if channels_last else torch.contiguous_format
-  gen, disc = gen.to(memory_format=fmt), disc.to(memory_format=fmt)
-  opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
-  opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
-  bce = torch.nn.BCEWithLogitsLoss()
-  real = (torch.randn(batch, channels, size, size) * 0.5).clamp(-1, 1).contiguous(memory_format=fmt)
-  ones, zeros = torch.ones(batch), torch.zeros(batch)
-
-  def run_steps(n):
-    for _ in range(n):
-      z = torch.randn(batch, LATENT, 1, 1)
-      fake = gen(z)
-      opt_d.zero_grad(set_to_none=True)
-      loss_d = bce(disc(real).view(-1), ones) + bce(disc(fake.detach()).view(-1), zeros)
-      loss_d.backward()
-      opt_d.step()
-      opt_g.zero_grad(set_to_none=True)
-      loss_g = bce(disc(fake).view(-1), ones)
-      loss_g.backward()
-      opt_g.step()
-
-  t = time.perf_counter()
-  run_steps(1)
-  warm = time.perf_counter() - t
-  return _timed_reps(run_steps, warm, reps, rep_seconds)
-
-
-def _row(size, name, batch, per_step, compile_s=None):
+def _row(size: int, name: str, batch: int, runner: timing.Runner) -> None:
+  if runner.error or not runner.per_step:
+    print(f'{size:4d}  {name:44s} {runner.error or "not timed"}', flush=True)
+    return
+  per_step = runner.per_step
   med = statistics.median(per_step)
   lo, hi = batch / max(per_step), batch / min(per_step)
-  comp = f'{compile_s:9.1f}' if compile_s is not None else f'{"-":>9}'
-  print(f'{size:4d}  {name:22s} {batch / med:9.1f}  [{lo:6.1f}-{hi:6.1f}]  {med * 1e3:9.1f}  {comp}', flush=True)
+  comp = f'{runner.compile_s:9.1f}' if runner.compile_s is not None else f'{"-":>9}'
+  print(f'{size:4d}  {name:44s} {batch / med:9.1f}  [{lo:6.1f}-{hi:6.1f}]  {med * 1e3:9.1f}  {comp}', flush=True)
 
 
 def main(argv=None):
@@ -215,38 +58,60 @@ def main(argv=None):
   parser.add_argument('--width', type=int, default=64, help='ngf = ndf')
   parser.add_argument('--reps', type=int, default=5)
   parser.add_argument('--rep_seconds', type=float, default=3.0)
-  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--upsample', default=','.join(UPSAMPLE_MODES), help='config.gan.upsample values')
+  parser.add_argument('--kernels', default='stock,cpu', help='backends: stock, cpu')
   parser.add_argument('--no-torch', dest='torch', action='store_false')
   args = parser.parse_args(argv)
-  variants = args.variants.split(',')
-  for v in variants:
-    if v not in VARIANTS:
-      parser.error(f'unknown variant {v!r}; choose from {", ".join(VARIANTS)}')
+  upsample, kernels = args.upsample.split(','), args.kernels.split(',')
+  for u in upsample:
+    if u not in UPSAMPLE_MODES:
+      parser.error(f'unknown upsample {u!r}; choose from {", ".join(UPSAMPLE_MODES)}')
+  for k in kernels:
+    if k not in ('stock', 'cpu'):
+      parser.error(f'unknown kernels {k!r}; choose from stock, cpu')
+  try:
+    chosen = {k: backends.select(k) for k in kernels}
+  except UserError as e:
+    parser.error(str(e))
+  # Before JAX starts (the CPU backend may restart this process once).
+  (chosen.get('cpu') or chosen[kernels[0]]).configure_process('dcgan')
+  with_torch = args.torch and torch_process.torch_installed()
+  if with_torch:
+    import torch  # noqa: PLC0415 - the bench extra, after the process is configured
+
+    threads = sorted({torch.get_num_threads(), 1}, reverse=True)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {os.getloadavg()[0]:.1f}')  # fmt: skip
   print(f'batch {args.batch}, channels {args.channels}, ngf=ndf={args.width}, {args.reps} timed repetitions (median)')
-  torch_threads = torch.get_num_threads() if torch is not None else 0
-  print(f'{"px":>4}  {"variant":22s} {"images/s":>9}  {"[min-max]":>15}  {"ms/step":>9}  {"compile s":>9}')
+  print(f'{"px":>4}  {"variant":44s} {"images/s":>9}  {"[min-max]":>15}  {"ms/step":>9}  {"compile s":>9}')
   for size in (int(s) for s in args.sizes.split(',')):
-    for v in variants:
-      compile_s, per_step = bench_jax(v, size, args.batch, args.channels, args.width, args.reps, args.rep_seconds)
-      _row(size, f'jax {v}', args.batch, per_step, compile_s)
-    if args.torch and torch is not None:
-      results = {}
-      for threads in sorted({torch_threads, 1}, reverse=True):
-        for cl in (False, True):
-          results[threads, cl] = bench_torch(
-            size, args.batch, args.channels, args.width, args.reps, args.rep_seconds, cl, threads
-          )
-      best = min(results, key=lambda k: statistics.median(results[k]))
-      for (threads, cl), per_step in results.items():
-        mark = ' *' if (threads, cl) == best else ''
-        _row(size, f'torch {"NHWC" if cl else "NCHW"} {threads} thr{mark}', args.batch, per_step)
-  if args.torch and torch is None:
+    s = dict(batch=args.batch, image_size=size, width=args.width, channels=args.channels, sample_batch=1)
+    named = []
+    for u in upsample:
+      for k in kernels:
+        (case, _) = cases.dcgan_cases(s, chosen[k], upsample=u)
+        named.append((f'jax {u}, {k}', case.jax_runner(Variant('jax'))))
+      if with_torch:
+        case = cases.dcgan_cases(s, chosen[kernels[0]], upsample=u)[0]  # the PyTorch twin's layers are its own
+        for t in threads:
+          for fmt in FORMATS:
+            variant = Variant('torch', memory_format=fmt, threads=t)
+            named.append((f'torch {u}, {variant.name}', torch_process.torch_runner(case.torch_build, variant)))
+    runners = [r for _, r in named]
+    steps = timing.steps_per_block(runners, None, args.rep_seconds)
+    timing.interleave(runners, args.reps, steps, lambda msg: None, batch=args.batch)
+    for u in upsample:
+      torch_named = [(n, r) for n, r in named if n.startswith(f'torch {u},') and r.per_step]
+      best = min(torch_named, key=lambda nr: statistics.median(nr[1].per_step))[0] if torch_named else None
+      for name, runner in named:
+        if name.startswith((f'jax {u},', f'torch {u},')):
+          _row(size, name + (' *' if name == best else ''), args.batch, runner)
+  if args.torch and not with_torch:
     print('PyTorch not installed: no reference row (pip install .[bench]).')
-  elif args.torch:
+  elif with_torch:
     print(
-      f'torch {torch.__version__} eager; * = fastest of memory format x threads (OpenMP with all threads stalls when the cores are shared)'
+      f'torch {torch.__version__} eager; * = fastest of memory format x threads per upsampling (OpenMP with all'
+      ' threads stalls when the cores are shared)'
     )
   print(f'load average after: {os.getloadavg()[0]:.1f}')
 

@@ -1,4 +1,4 @@
-"""PyTorch twins of cxrjax's models, for the baselines of `python -m cxrjax.bench`.
+"""PyTorch twins of cxrjax's models, for the baselines of `python -m benchmarks`.
 
 Each class builds the same network as its Flax counterpart, with the same
 parameter count for every setting (tested in tests/test_bench.py):
@@ -10,16 +10,15 @@ parameter count for every setting (tested in tests/test_bench.py):
 - `Generator` / `Discriminator` = `cxrjax.models.dcgan` (DCGAN, optionally
   class-conditional with a projection discriminator); stride-2 layers are
   `nn.ConvTranspose2d(4, 2, 1)` / `nn.Conv2d(4, 2, 1)`, the functions that
-  `cxrjax.models.upsample` computes.
+  `cxrjax.models.layers.ConvTranspose2x` and a stride-2 `nn.Conv` compute.
 - `UNet` = `cxrjax.models.unet.UNet` (scale-shift conditioning, GroupNorm
   groups from the same `num_groups`, attention at the same levels).
 - `EfficientNetV2` = `cxrjax.models.efficientnet_v2.EfficientNetV2` (the
   same stage tables and rounding are imported from it).
 
 Tensors are NCHW as PyTorch expects (a `channels_last` memory format is a
-layout choice of the caller). Only the benchmark and its tests import this
-module: torch is the optional `bench` extra, and nothing else in cxrjax may
-need it.
+layout choice of the caller). Only the benchmarks and their tests import this
+module: torch is the optional `bench` extra, and cxrjax never needs it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ epoch with the best validation AUROC tested at threshold 0.5, on all of
 PneumoniaMNIST-28. It exists so that cxrjax is compared with the same script on the
 same machine over the same seeds, not with one lucky run.
 
-  python -m cxrjax.bench.torch_reference --seeds 0,1,2 [--width 16] [--epochs 15] [--out ref.json]
+  python -m benchmarks.torch_reference --seeds 0,1,2 [--width 16] [--epochs 15] [--out ref.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrjax.bench.torch_models import ResNet18
+from benchmarks.torch_models import ResNet18
 from cxrjax.eval import metrics
 
 

@@ -1,9 +1,10 @@
 """Fault injection for crash-safety tests: SIGKILL the process at a named point.
 
-`CXRJAX_FAULT='checkpoint-save@20'` kills the run right after the checkpoint of
-step 20 was started (while orbax may still be writing it); `train-step@7`
-after step 7; `final-eval` after the predictions were written but before the
-metrics. Unset in normal use; the check is one dictionary lookup.
+`CXRJAX_FAULT='classifier-checkpoint@20'` kills the run right after the checkpoint
+of step 20 was started (while orbax may still be writing it); `classifier-step@7`
+after step 7 (`<name>-step` and `<name>-checkpoint` for every loop: `gan:<class>`,
+`autoencoder`, `diffusion`); `final-eval` after the predictions were written but
+before the metrics. Unset in normal use; the check is one dictionary lookup.
 """
 
 from __future__ import annotations

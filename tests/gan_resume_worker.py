@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 
-import cxrjax  # noqa: F401 - XLA flags before JAX starts
-from cxrjax import config_lib
+from cxrjax import backends, config_lib
 from cxrjax import mesh as mesh_lib
 from cxrjax.trainers import common, gan, generative
 
@@ -25,7 +24,8 @@ def main(gen_dir: str, out: str) -> None:
   config = config_lib.finalize(config)
   data = common.prepare_data(generative._base_config(config))  # real data only, as the trainer does
   mesh = mesh_lib.make_mesh(config.mesh)
-  info, handle = gan.train(config, gen_dir, data, mesh, {1: 16})
+  # The run's kernels (the CPU backend's on one CPU device), without the command line's process settings.
+  info, handle = gan.train(config, gen_dir, data, mesh, {1: 16}, backends.select(config.kernels))
   images = gan.synthesize(config, handle, data, np.ones(16, np.int32))
   np.savez(out, images=images, step=np.int64(info['step']))
 

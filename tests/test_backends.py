@@ -55,6 +55,7 @@ print(json.dumps(dict(
   cache=[cache_before, [jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs]],
   events=events,
   jax_started=xla_bridge.backends_are_initialized(),
+  torch='torch' in sys.modules,
 )))
 """
 
@@ -67,6 +68,7 @@ def test_importing_cxrjax_changes_nothing_in_the_process():
   assert out['cache'][0] == out['cache'][1], out  # no compilation cache configured
   assert not [e for e in out['events'] if e[0] != 'ctypes.dlsym' or 'mallopt' in e[1]], out  # no exec, no mallopt
   assert out['jax_started'] is False  # and no JAX backend started
+  assert out['torch'] is False  # PyTorch is for the benchmarks and weight-import tests only
 
 
 # ----------------------------------------------------------------------------- stock models

@@ -1,8 +1,11 @@
-"""The PyTorch baselines of `python -m cxrjax.bench` are the same networks as cxrjax's, and the harness runs.
+"""The benchmarks (`python -m benchmarks`, outside the package) time the trainers' programs against twins.
 
 Parameter counts of every PyTorch twin equal the Flax model's for the benchmarked settings (and the
 published ones); ResNet-18 with the same weights gives the same logits in both frameworks, which is what
-makes the throughput comparison one of frameworks, not of networks.
+makes the throughput comparison one of frameworks, not of networks. Each case's JAX side is the program
+its trainer's factory builds; the variants planned per platform are checked as plans (the GPU ones
+cannot run here); two `--quick` runs of the command cover the rest. PyTorch is installed by `./dev test`
+(the `bench` extra): these tests fail without it rather than skip.
 """
 
 from __future__ import annotations
@@ -11,23 +14,26 @@ import json
 import os
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
-from cxrjax import _xla_env, models
-from cxrjax.models import dcgan, efficientnet_v2, resnet, unet
-
-torch = pytest.importorskip('torch')
-
-from cxrjax.bench import harness  # noqa: E402 - after the importorskip
-from cxrjax.bench import torch_models as tm  # noqa: E402
+from cxrjax import backends
+from cxrjax.models import build_classifier, dcgan, efficientnet_v2, resnet, unet
+from cxrjax.trainers import gan, ldm
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed: it is found from the repository root
+  sys.path.insert(0, str(ROOT))
+
+from benchmarks import cases, conv_profile, plan, report, run, torch_process, torch_steps  # noqa: E402
+from benchmarks import torch_models as tm  # noqa: E402
 
 
 def jax_count(module, *args, **kwargs) -> int:
@@ -135,18 +141,162 @@ def test_resnet18_same_weights_same_logits(stem, width, channels, size):
   np.testing.assert_allclose(train_torch, np.asarray(train_jax), atol=1e-4, rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- the cases time the trainers' programs
+
+
+@pytest.mark.parametrize('kernels', ['stock', 'cpu'])
+@pytest.mark.parametrize('name', cases.MODELS)
+def test_cases_time_the_programs_of_the_trainers_factories(name, kernels):
+  backend = backends.select(kernels)
+  built = cases.cases_for(name, quick=True, backend=backend)
+  assert [c.kind for c in built] == (['train', 'sample'] if name in ('dcgan', 'unet') else ['train'])
+  for case in built:
+    program = case.program
+    # The program the trainer runs, compiled with the backend's options for it (sampling rows read its modules).
+    assert program.name == cases.program_name(name)
+    assert program.step_options == backend.compile_options(program.name)
+    assert program.init_options == backend.compile_options('init')
+    assert case.program_for(case.config.model.dtype) is program
+    # Built from the case's config on the backend's layers: the modules the factory's builders make.
+    c = case.config
+    if name in cases.CLASSIFIERS:
+      assert program.modules == {
+        'classifier': build_classifier(c.model, cases.NUM_CLASSES, case.input_shape, backend.layers)
+      }
+    elif name == 'dcgan':
+      g, d = gan.build(c, c.data.channels, cases.NUM_CLASSES, backend.layers)
+      assert program.modules == {'generator': g, 'discriminator': d}
+    else:
+      assert program.modules == {'unet': ldm.build_unet(c, cases.NUM_CLASSES, backend.layers)}
+    # bfloat16 (planned on GPUs): the same factory with config.model.dtype = 'bfloat16'.
+    bf16 = case.program_for('bfloat16')
+    assert bf16.name == program.name and bf16.step_options == program.step_options
+    assert all(m.dtype == jnp.bfloat16 for m in bf16.modules.values())
+    if case.kind == 'train':  # fed as the trainer's input pipeline feeds it
+      assert sorted(case.jax_batch) == ['image', 'label', 'weight']
+      assert case.jax_batch['label'].dtype == np.int32 and case.jax_batch['weight'].dtype == np.float32
+      assert len(case.jax_batch['image']) == case.batch
+      assert case.jax_batch['image'].dtype == (np.float32 if name == 'unet' else np.uint8)  # unet: latents
+    else:
+      assert case.jax_batch is None and case.sampler is not None
+
+
+# ----------------------------------------------------------------------------- what is planned per platform
+
+
+def _names(variants) -> list[str]:
+  return [v.name for v in variants]
+
+
+def test_cpu_plan_is_the_eager_formats_by_threads_and_torch_compile():
+  train = types.SimpleNamespace(kind='train')
+  variants, _ = run.plan_case(train, 'cpu', 'cpu', (2, 1), compile_torch=True, cpu_bf16=False)
+  assert _names(variants) == [
+    'jax',
+    'contiguous, 2 threads',
+    'channels_last, 2 threads',
+    'contiguous, 1 thread',
+    'channels_last, 1 thread',
+    'torch.compile (fastest eager setting)',
+  ]
+  assert all(v.device == 'cpu' and v.dtype == 'float32' for v in variants)
+  sample, note = run.plan_case(types.SimpleNamespace(kind='sample'), 'cpu', 'cpu', (1,), True, False)
+  assert _names(sample) == ['jax', 'contiguous, 1 thread', 'channels_last, 1 thread']
+  assert note == 'n/a: not measured for sampling'
+  quick, note = run.plan_case(train, 'cpu', 'cpu', (1,), compile_torch=False, cpu_bf16=False)
+  assert _names(quick) == ['jax', 'contiguous, 1 thread', 'channels_last, 1 thread'] and 'skipped' in note
+  alone, note = run.plan_case(train, 'cpu', None, (2, 1), True, False)
+  assert _names(alone) == ['jax'] and 'not installed' in note
+  # A CPU with native bfloat16 adds JAX bfloat16 and PyTorch autocast.
+  bf16 = plan.plan_variants('cpu', 'cpu', torch_threads=(1,), cpu_bf16=True)
+  assert _names(bf16) == [
+    'jax',
+    'jax bfloat16',
+    'contiguous, 1 thread',
+    'channels_last, 1 thread',
+    'contiguous, 1 thread, amp bf16',
+    'channels_last, 1 thread, amp bf16',
+    'torch.compile (fastest eager setting)',
+  ]
+
+
+def test_gpu_plan_is_jax_in_two_dtypes_against_eager_amp_and_compile():
+  variants, _ = run.plan_case(types.SimpleNamespace(kind='train'), 'gpu', 'cuda', (2, 1), True, cpu_bf16=False)
+  assert _names(variants) == [
+    'jax',
+    'jax bfloat16',
+    'contiguous, cuda',
+    'channels_last, cuda',
+    'contiguous, cuda, amp bf16',
+    'channels_last, cuda, amp bf16',
+    'torch.compile (fastest eager setting)',
+  ]
+  torch_variants = [v for v in variants if v.framework == 'torch']
+  assert all(v.device == 'cuda' and v.threads is None for v in torch_variants)
+  eager = [v for v in torch_variants if v.eager]
+  compiled = variants[-1].like(eager[1])
+  assert compiled.name == 'torch.compile channels_last, cuda' and compiled.dtype == 'float32'
+  sample, _ = run.plan_case(types.SimpleNamespace(kind='sample'), 'gpu', 'cuda', (2, 1), True, False)
+  assert 'torch.compile (fastest eager setting)' not in _names(sample) and 'jax bfloat16' in _names(sample)
+
+
+def test_cuda_variants_synchronize_and_read_cuda_memory(monkeypatch):
+  # The CUDA path as far as it goes without a GPU: the runner ends every block on the device and takes
+  # its peak memory from CUDA's allocator; the step's autocast is CUDA's, to bfloat16.
+  calls = []
+  allocated = iter([1 << 20, 0])
+  monkeypatch.setattr(torch.cuda, 'synchronize', lambda: calls.append('sync'))
+  monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: None)
+  monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', lambda: calls.append('reset'))
+  monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda: next(allocated))
+  monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda: 5 << 20)
+  monkeypatch.setattr(torch, 'set_num_threads', lambda n: pytest.fail('threads are not set on CUDA'))
+  variant = plan.Variant('torch', 'bfloat16', 'channels_last', device='cuda')
+  steps = []
+  runner = torch_process.torch_runner(lambda v: lambda: steps.append(v), variant)
+  assert runner.mem_method == 'cuda_max_memory_allocated' and runner.peak_mem_mb == 4.0
+  assert steps == [variant, variant] and calls == ['sync', 'reset', 'sync', 'sync', 'sync']  # meter, 2 warm-up steps
+  seconds, _ = runner.timed_run(3)
+  assert len(steps) == 5 and calls[-1] == 'sync' and seconds >= 0
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # no CUDA here: PyTorch disables the autocast it constructs
+    amp = torch_steps.autocast(variant)
+  assert isinstance(amp, torch.autocast) and amp.device == 'cuda' and amp.fast_dtype == torch.bfloat16
+
+
+def test_jax_side_never_imports_torch_and_benchmarks_is_not_installed(tmp_path):
+  script = f"""
+import importlib.util, sys
+assert importlib.util.find_spec('benchmarks') is None, 'benchmarks/ must not be installed with cxrjax'
+sys.path.insert(0, {str(ROOT)!r})
+import cxrjax, cxrjax.backends, cxrjax.trainers.classifier, cxrjax.trainers.gan, cxrjax.trainers.ldm
+from benchmarks import cases, plan, report, run, timing, torch_process
+assert 'torch' not in sys.modules, 'the JAX worker imported torch'
+"""
+  proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the command, --quick
+
+
+def _bench(out: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, '-m', 'benchmarks', '--quick', '--models', 'resnet18_28', '--steps', '1', '--out', str(out),
+         *args]  # fmt: skip
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_cli_quick_writes_rows_and_table(tmp_path):
   out = tmp_path / 'bench.json'
-  cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '2', '--steps', '1',
-         '--out', str(out)]  # fmt: skip
-  # One CPU device and cxrjax's own settings, whatever the caller forces.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'CXRJAX_KEEP_MALLOC', 'NPROC', 'PJRT_NPROC')}
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  # One CPU device and the backend's own settings, whatever the caller forces.
+  drop = ('XLA_FLAGS', 'NPROC', 'PJRT_NPROC', torch_process.ABORT_VARIANT)
+  env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith('CXRJAX_KEEP_')}
+  proc = _bench(out, env, '--reps', '2')
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert isinstance(rows, list) and len(rows) == 1
   row = rows[0]
-  for key in (*harness.REQUIRED_KEYS, 'torch_setting', 'torch_compile_images_per_s', 'batch', 'image_size'):
+  for key in (*report.REQUIRED_KEYS, 'torch_setting', 'torch_compile_images_per_s', 'batch', 'image_size'):
     assert key in row, key
   assert row['model'] == 'resnet18_28'
   assert row['jax_images_per_s'] > 0 and row['torch_images_per_s'] > 0
@@ -157,72 +307,58 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert row['torch_compile_images_per_s'] is None and row['torch_compile'].startswith('n/a')
   assert row['steps_per_rep'] == 1 and row['reps'] == 2
   assert row['jax_mesh_devices'] == 1 and row['jax_batch_split'] is False
-  assert row['jax_convolution'].startswith('oneDNN 3.')  # one CPU device: `--convolution auto` picks oneDNN
-  assert row['jax_compiler_options'] is None  # the classifier step keeps the process's XLA flags
-  assert row['jax_cpu_pool'] == 'one XLA thread (NPROC=1, set by cxrjax)'  # as ResNet-18's runs set it
+  # The backend the worker selected (`--kernels auto` on one CPU device: the CPU backend) and what its
+  # configure_process('resnet18') did before JAX started, as a ResNet-18 run's entry point does.
+  backend = row['jax_backend']
+  assert backend['kernels'] == 'cpu' and backend['description'].startswith('cpu (oneDNN 3.')
+  assert backend['compile_options'] == {'resnet18': None}  # the classifier step keeps the process's XLA flags
+  assert backend['process']['xla_cpu_pool'] == 'one XLA thread (NPROC=1)'
+  assert backend['process']['malloc'].startswith('glibc') and 'block cache' in backend['process']['malloc']
+  assert 'ynn_fusion_type' in backend['process']['xla_flags']
+  assert row['jax_platform'] == 'cpu' and row['torch_device'] == 'cpu'
+  assert list(row['jax_variants']) == ['jax'] and row['jax_bfloat16_images_per_s'] is None  # CPU: float32 only
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
+  assert row['mem_method'] == row['torch_mem_method'] == 'rss_hwm'
   assert row['warmup_rounds'] == 1  # an untimed round first, then the 2 timed repetitions
   assert len(row['jax_minor_faults_per_rep']) == 2 and len(row['torch_minor_faults_per_rep']) == 2
   assert all(f >= 0 for f in row['jax_minor_faults_per_rep'] + row['torch_minor_faults_per_rep'])
   table = out.with_suffix('.md').read_text()
   assert '| resnet18_28 | train |' in table and 'JAX / PyTorch' in table and 'Machine:' in table
-  assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: ' in proc.stdout
-  assert 'convolutions (ResNet-18, EfficientNetV2, DCGAN, UNet): oneDNN 3.' in proc.stdout
+  assert '| resnet18_28 | train |' in proc.stdout and 'XLA_FLAGS' in proc.stdout and 'malloc: glibc' in proc.stdout
+  assert 'JAX backend: cpu (oneDNN 3.' in proc.stdout and 'Command: `python -m benchmarks --quick' in proc.stdout
 
 
-def test_cli_survives_a_crashing_pytorch_variant(tmp_path):
-  # A native crash in the PyTorch process (injected: it aborts when building this variant) stops the
-  # worker; the model is measured again without that variant, and the row says which one crashed and how.
-  out = tmp_path / 'bench.json'
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'CXRJAX_KEEP_MALLOC')}
-  env['CXRJAX_BENCH_ABORT_VARIANT'] = 'channels_last, 1 thread'
-  cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '1', '--steps', '1',
-         '--out', str(out)]  # fmt: skip
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = json.loads(out.read_text())
-  crashed = row['torch_variants']['channels_last, 1 thread']
-  assert crashed.startswith('error: crashed the process (the PyTorch process died (signal SIGABRT)'), crashed
-  assert row['torch_setting'] == 'contiguous, 1 thread' and row['torch_images_per_s'] > 0
-  assert row['jax_images_per_s'] > 0 and row['torch_channels_last_images_per_s'] is None
-  assert 'measuring again without it' in proc.stderr
-
-
-def test_cli_times_the_data_parallel_step_on_forced_cpu_devices(tmp_path):
-  # The JAX step runs as the trainers run it: on a mesh of every device, batch split, state replicated.
+def test_cli_forced_cpu_devices_and_a_crashing_pytorch_variant(tmp_path):
+  # One run, two checks. (1) The JAX step runs as the trainers run it: on a mesh of every device, batch
+  # split, state replicated; with 2 devices `--kernels auto` picks the stock backend. (2) A native crash
+  # in the PyTorch process (injected: it aborts when building this variant) stops the worker; the model
+  # is measured again without that variant, and the row says which one crashed and how.
   out = tmp_path / 'bench.json'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  cmd = [sys.executable, '-m', 'cxrjax.bench', '--quick', '--models', 'resnet18_28', '--reps', '1', '--steps', '1',
-         '--out', str(out)]  # fmt: skip
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  env[torch_process.ABORT_VARIANT] = 'channels_last, 1 thread'
+  proc = _bench(out, env, '--reps', '1')
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())
   # Read from the compiled step's input sharding: the batch really is split over both devices.
   assert row['jax_mesh_devices'] == 2 and row['jax_batch_split'] is True and row['jax_images_per_s'] > 0
-  assert row['jax_convolution'].startswith('xla (oneDNN not used: 2 devices')  # not partitioned: XLA's
+  assert row['jax_backend']['kernels'] == 'stock' and 'forced CPU devices' in row['jax_backend']['description']
+  assert row['jax_backend']['process'] == {}  # stock configures nothing
   assert 'xla_force_host_platform_device_count=2' in out.with_suffix('.md').read_text()
+  crashed = row['torch_variants']['channels_last, 1 thread']
+  assert crashed.startswith('error: crashed the process (the PyTorch process died (signal SIGABRT)'), crashed
+  assert row['torch_setting'] == 'contiguous, 1 thread' and row['torch_images_per_s'] > 0
+  assert row['torch_channels_last_images_per_s'] is None
+  assert 'measuring again without it' in proc.stderr
 
 
-def test_generator_steps_are_timed_with_their_trainers_compiler_options(monkeypatch):
-  monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
-  for name in ('dcgan', 'unet'):
-    cases = harness.cases_for(name, quick=True)
-    assert [c.kind for c in cases] == ['train', 'sample']
-    assert cases[0].compiler_options == _xla_env.NO_ELEMENTWISE_YNN  # as gan.py / ldm.py compile their steps
-    assert cases[1].compiler_options is None
-  assert harness.cases_for('resnet18_28', quick=True)[0].compiler_options is None
-  # EfficientNetV2's many small SiLU / squeeze-excitation maps: compiled as the classifier trainer does, without it.
-  (effnet,) = harness.cases_for('efficientnet_v2_b0', quick=True)
-  assert effnet.compiler_options == _xla_env.NO_ELEMENTWISE_YNN == models.classifier_step_options('efficientnet_v2_b0')
+# ----------------------------------------------------------------------------- conv_profile
 
 
 @pytest.mark.parametrize('stride,k', [(1, 3), (2, 3), (2, 1)])
 def test_conv_profile_times_autograds_gradients(stride, k):
   # The per-layer profile times one gradient at a time through aten::convolution_backward; it
   # must be the gradient autograd computes for the layer PyTorch's ResNet-18 runs.
-  from cxrjax.bench import conv_profile  # noqa: PLC0415
-
   g = torch.Generator().manual_seed(0)
   conv = torch.nn.Conv2d(8, 16, k, stride, padding=k // 2, bias=False)
   x = torch.randn(2, 8, 9, 9, generator=g, requires_grad=True)
@@ -234,8 +370,6 @@ def test_conv_profile_times_autograds_gradients(stride, k):
 
 
 def test_conv_profile_layers_are_resnet18s_convolutions():
-  from cxrjax.bench import conv_profile  # noqa: PLC0415
-
   convs = conv_profile.resnet18_convs(28, 64)
   assert sum(convs.values()) == 20  # stem + 16 in the blocks + 3 downsampling shortcuts
   weights = sum(n * k * k * cin * cout for (_, cin, cout, k, _), n in convs.items())

@@ -118,4 +118,3 @@ def test_adam_steps_lower_the_loss(tiny):
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
-

@@ -1,5 +1,7 @@
 """Training guards and hidden-transfer checks: NaN/Inf stops naming the step, checkpoints must fit, no implicit transfers."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -25,7 +27,9 @@ def test_nan_stops_the_run_naming_step_and_checkpoint(tmp_path):
   r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={tmp_path / "w"}', '--config.optim.lr=1e30'])
   assert r.returncode == 2
   line = error_line(r)
-  assert 'NaN/Inf' in line and 'step 10' in line and 'last good checkpoint' in line
+  # The first metric to turn NaN/Inf (here the gradient norm, after the first huge update) names its step.
+  m = re.search(r'became NaN/Inf at step (\d+); last good checkpoint: ', line)
+  assert m and 1 <= int(m.group(1)) <= 10, line
 
 
 @pytest.mark.e2e

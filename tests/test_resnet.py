@@ -37,5 +37,3 @@ def test_forward_shapes_and_cam_features():
   assert logits.shape == (2, 3)
   (fmap,) = inter['intermediates']['cam_features']
   assert fmap.shape == (2, 4, 4, 64)  # 32 / 8 spatial, 8 * 8 channels
-
-

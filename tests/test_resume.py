@@ -33,7 +33,7 @@ def uninterrupted(tmp_path_factory):
   return outputs(wd)
 
 
-@pytest.mark.parametrize('fault', ['train-step@25', 'checkpoint-save@20', 'final-eval'])
+@pytest.mark.parametrize('fault', ['classifier-step@25', 'classifier-checkpoint@20', 'final-eval'])
 def test_killed_run_resumes_to_identical_results(fault, uninterrupted, tmp_path):
   wd = tmp_path / 'run'
   r = run_cli([*ARGS, f'--workdir={wd}'], env={'CXRJAX_FAULT': fault})
