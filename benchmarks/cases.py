@@ -75,7 +75,7 @@ QUICK = dict(
 
 
 def program_name(model: str) -> str | None:
-  """The program a benchmark model's worker mostly runs (`Backend.configure_process`); None for the pipeline."""
+  """The program a benchmark model's worker mostly runs (`entry.configure`); None for the pipeline."""
   if model == 'pipeline':
     return None
   return 'resnet18' if model.startswith('resnet18') else model

@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks import cases, timing, torch_process
 from benchmarks.plan import Variant
-from cxrjax import backends
+from cxrjax import entry
 from cxrjax.config_lib import KERNELS
 from cxrjax.errors import UserError
 from cxrjax.models.layers import Layers
@@ -162,11 +162,10 @@ def main() -> None:
                  help="JAX's backend, selected as config.kernels is ('auto': the CPU backend on one CPU device)")  # fmt: skip
   p.add_argument('--statistic', choices=tuple(STATISTICS), default='median', help='of the repetitions')
   args = p.parse_args()
-  try:
-    backend = backends.select(args.kernels)
+  try:  # before JAX starts, as a ResNet-18 run's (may restart this process once)
+    backend = entry.configure(args.kernels, 'resnet18')
   except UserError as e:
     p.error(str(e))
-  backend.configure_process('resnet18')  # before JAX starts, as a ResNet-18 run's (may restart this process once)
   import torch  # noqa: PLC0415 - the bench extra, after the process is configured
 
   torch.set_num_threads(args.torch_threads)

@@ -34,7 +34,7 @@ import jax
 
 from benchmarks import cases, timing, torch_process
 from benchmarks.plan import FORMATS, Variant
-from cxrjax import backends
+from cxrjax import backends, entry
 from cxrjax.errors import UserError
 from cxrjax.models.dcgan import UPSAMPLE_MODES
 
@@ -69,12 +69,10 @@ def main(argv=None):
   for k in kernels:
     if k not in ('stock', 'cpu'):
       parser.error(f'unknown kernels {k!r}; choose from stock, cpu')
-  try:
-    chosen = {k: backends.select(k) for k in kernels}
+  try:  # the CPU backend's process settings before JAX starts (it may restart this process once)
+    chosen = {k: entry.configure(k, 'dcgan') if k == 'cpu' else backends.select(k) for k in kernels}
   except UserError as e:
     parser.error(str(e))
-  # Before JAX starts (the CPU backend may restart this process once).
-  (chosen.get('cpu') or chosen[kernels[0]]).configure_process('dcgan')
   with_torch = args.torch and torch_process.torch_installed()
   if with_torch:
     import torch  # noqa: PLC0415 - the bench extra, after the process is configured

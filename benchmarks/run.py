@@ -12,7 +12,7 @@ each JAX row is a trainer's program from its factory, on the backend `--kernels`
 batch, tries 1 PyTorch thread only and skips torch.compile unless `--torch-compile`, for tests.
 
 Processes. Each model runs in a fresh worker process (`--worker`), which selects the backend and
-calls `backend.configure_process(<the model's program>)` before JAX starts, as the experiment's entry
+calls `entry.configure(kernels, <the model's program>)` before JAX starts, as the experiment's entry
 point does (the CPU backend restarts the worker once with its block cache, sets XLA's CPU flags,
 malloc, and one XLA pool thread for the programs that want it). The worker runs the JAX variants
 itself and starts, per case, a second process for the PyTorch variants (`benchmarks.torch_process`;
@@ -87,7 +87,7 @@ from pathlib import Path
 import jax
 
 from benchmarks import cases, plan, report, timing, torch_process
-from cxrjax import backends
+from cxrjax import backends, entry
 from cxrjax.config_lib import KERNELS
 from cxrjax.errors import UserError
 
@@ -258,8 +258,7 @@ def worker(args, torch_threads: tuple[int, ...]) -> None:
   # Before JAX starts: the backend's process settings (the CPU backend may restart this process here,
   # once), and no preallocation of an accelerator's memory, which the PyTorch process shares.
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  backend = backends.select(args.kernels)
-  backend.configure_process(cases.program_name(args.worker))
+  backend = entry.configure(args.kernels, cases.program_name(args.worker))
   exclude = json.loads(args.worker_exclude)
   compile_torch = not args.no_torch_compile and (args.torch_compile or not args.quick)
   settings = cases.QUICK if args.quick else cases.FULL

@@ -169,14 +169,13 @@ class Generator(nn.Module):
     latent_dim: size of z.
     base_width: ngf.
     num_classes: 0 unconditional; else a label embedding of size `latent_dim` is concatenated to z.
-    upsample: 'transpose' (`ConvTranspose2d(4, 2, 1)`; also stands for 'transpose_xla', the same
-      function) or 'resize' (nearest 2x, then a 3x3 convolution).
+    upsample: 'transpose' (`ConvTranspose2d(4, 2, 1)`) or 'resize' (nearest 2x, then a 3x3 convolution).
   """
 
   def __init__(self, image_size: int = 64, channels: int = 1, latent_dim: int = 100, base_width: int = 64,
                num_classes: int = 0, upsample: str = 'transpose'):  # fmt: skip
     super().__init__()
-    if upsample not in ('transpose', 'transpose_xla', 'resize'):
+    if upsample not in ('transpose', 'resize'):
       raise ValueError(f'unknown upsample {upsample!r}')
     start, n = resolution_plan(image_size)
     self.label_embed = nn.Embedding(num_classes, latent_dim) if num_classes > 0 else None

@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.limit_train = 0  # cap per split after the imbalance protocol (0: none)
   c.data.limit_eval = 0
   c.data.num_workers = 0  # Grain worker processes (0: threads in the trainer process)
-  c.data.num_threads = 1  # measured: more threads contend for the GIL with the train loop
+  c.data.num_threads = 1  # more threads contend for the GIL with the train loop (BUILD_NOTES.md)
   c.data.prefetch = 4  # batches in flight
   c.data.augment = ml_collections.ConfigDict(
     dict(
@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.momentum = 0.9  # sgd only
-  c.optim.schedule = 'constant'  # measured on PneumoniaMNIST: higher test specificity than cosine
+  c.optim.schedule = 'constant'  # higher test specificity than cosine on PneumoniaMNIST (BUILD_NOTES.md)
   c.optim.warmup_epochs = 0.0
   c.optim.grad_clip = 0.0  # global norm; 0 disables
 
@@ -272,6 +272,11 @@ def _generator_profile(config: ml_collections.ConfigDict, profile: str) -> None:
     ldm.sample_steps, ldm.log_every, ldm.checkpoint_every, ldm.sample_every = 5, 10, 10, 20
 
 
+def main_program(config: ml_collections.ConfigDict) -> str:
+  """The program that dominates an experiment's time: the generator's step, or the classifier's model."""
+  return {'gan': 'dcgan', 'ldm': 'unet'}.get(config.trainer, config.model.name)
+
+
 def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
   node = config
   for part in dotted.split('.'):
@@ -374,6 +379,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Raises:
     UserError: naming the first offending key and what was expected.
   """
+  for old, new in RENAMED_KEYS.items():
+    if old in config:
+      raise UserError(f'config.{old}: this key was renamed; use config.{new}')
   _one_of(config, 'trainer', TRAINERS)
   _one_of(config, 'profile', PROFILES)
   _one_of(config, 'data.source', SOURCES)

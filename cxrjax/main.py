@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cxrjax.entry import DEFAULT_COMPILATION_CACHE
+from cxrjax import config_lib, entry
 from cxrjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:profile]).')
@@ -37,7 +37,7 @@ _COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --distributed).')
 _COMPILATION_CACHE = flags.DEFINE_string(
-  'compilation_cache', DEFAULT_COMPILATION_CACHE, "JAX's persistent compilation cache folder ('' turns it off)."
+  'compilation_cache', entry.DEFAULT_COMPILATION_CACHE, "JAX's persistent compilation cache folder ('' turns it off)."
 )
 
 
@@ -69,10 +69,10 @@ def _config_keys(config, prefix: str = '') -> list[str]:
 
 
 def _refuse_renamed(key: str) -> None:
-  from cxrjax.config_lib import RENAMED_KEYS  # noqa: PLC0415 - after flags, so errors are one line
-
-  if key in RENAMED_KEYS:
-    fail(f'--config.{key}: this key was renamed; use --config.{RENAMED_KEYS[key]}')
+  parent, _, leaf = key.rpartition('.')
+  if leaf in config_lib.RENAMED_KEYS:
+    new = config_lib.RENAMED_KEYS[leaf]
+    fail(f'--config.{key}: this key was renamed; use --config.{parent + "." if parent else ""}{new}')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -155,9 +155,6 @@ def main(argv: list[str]) -> None:
   # file it renames) would bury them. --verbosity=0 brings it back.
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from cxrjax import config_lib, entry  # noqa: PLC0415 - after flags, so errors are one line
-  from cxrjax.trainers import TRAINERS  # noqa: PLC0415
-
   try:
     if _CONFIG.value is None:
       raise UserError('--config is required, e.g. --config=configs/baseline.py')
@@ -168,8 +165,11 @@ def main(argv: list[str]) -> None:
       raise UserError(f'--config={flags.FLAGS["config"].serialize()}: {e}') from e
     config = config_lib.finalize(config)
     # Before any JAX work: the CPU backend sets XLA flags and malloc, and may restart the process.
-    backend = entry.start(config, distributed=distributed(), compilation_cache=_COMPILATION_CACHE.value)
+    backend = entry.start(config, distributed=distributed(), compilation_cache=compilation_cache())
     maybe_initialize_distributed()
+    backend.check_devices()  # the decision was made from the environment: confirm it against JAX's devices
+    from cxrjax.trainers import TRAINERS  # noqa: PLC0415 - heavy (JAX, flax, orbax): after the process is set up
+
     workdir = _WORKDIR.value or _workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
     TRAINERS[config.trainer](config, workdir, backend)
   except UserError as e:

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from cxrjax import backends, config_lib
-from cxrjax.backends import cpu
 from cxrjax.backends.base import Backend
 from cxrjax.backends.cpu import layers as cpu_layers
+from cxrjax.backends.cpu.backend import CpuBackend
 from cxrjax.errors import UserError
 from cxrjax.models import autoencoder, dcgan, efficientnet_v2, inception, resnet, unet
 from cxrjax.models.layers import STOCK
@@ -208,6 +208,7 @@ def test_stock_backend_is_optax_and_xla_defaults():
     ({'JAX_PLATFORMS': 'cuda,cpu'}, False, 'JAX_PLATFORMS=cuda,cpu'),
     ({}, True, 'a multi-process (distributed) run'),
     ({'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, False, '8 forced CPU devices'),
+    ({'JAX_NUM_CPU_DEVICES': '4'}, False, '4 forced CPU devices'),
   ],
 )
 def test_auto_is_stock_off_a_single_cpu_device_and_cpu_is_refused_there(env, distributed, why):
@@ -220,14 +221,14 @@ def test_auto_is_stock_off_a_single_cpu_device_and_cpu_is_refused_there(env, dis
 
 def test_auto_is_cpu_on_one_cpu_device_and_stock_when_an_accelerator_plugin_is_installed(monkeypatch):
   # The test command installs the `onednn` extra, so the extension is available here.
-  assert isinstance(backends.select('auto', env={'JAX_PLATFORMS': 'cpu'}), cpu.CpuBackend)
-  assert isinstance(backends.select('auto', env={}), cpu.CpuBackend)
-  real = backends.importlib.util.find_spec
-  monkeypatch.setattr(backends.importlib.util, 'find_spec', lambda n: object() if n == 'jax_cuda12_plugin' else real(n))
+  assert isinstance(backends.select('auto', env={'JAX_PLATFORMS': 'cpu'}), CpuBackend)
+  assert isinstance(backends.select('auto', env={}), CpuBackend)
+  assert backends.accelerator_plugins() == []  # this machine has none
+  monkeypatch.setattr(backends, 'accelerator_plugins', lambda: ['cuda12'])
   b = backends.select('auto', env={})
-  assert type(b) is Backend and 'jax_cuda12_plugin' in b.why
+  assert type(b) is Backend and 'an accelerator plugin for JAX is installed (cuda12)' in b.why
   # Told to use the CPU, the plugin does not matter.
-  assert isinstance(backends.select('auto', env={'JAX_PLATFORMS': 'cpu'}), cpu.CpuBackend)
+  assert isinstance(backends.select('auto', env={'JAX_PLATFORMS': 'cpu'}), CpuBackend)
 
 
 def _launch_env(script: Path) -> dict[str, str]:
@@ -280,6 +281,25 @@ def test_the_old_convolution_key_is_refused_with_its_new_name(tmp_path):
     ' (auto, stock or cpu; was auto, xla or onednn)'
   )
   assert not (tmp_path / 'run').exists()
+
+
+def test_the_old_key_is_refused_in_a_config_file_and_nested(tmp_path):
+  c = config_lib.base_config()
+  c.convolution = 'xla'
+  with pytest.raises(UserError, match=r'^config.convolution: this key was renamed; use config.kernels'):
+    config_lib.finalize(c)
+  r = run_cli(['--config=configs/sweep.py:smoke', f'--workdir={tmp_path / "s"}', '--config.experiment.convolution=xla'])
+  assert r.returncode == 2
+  assert (
+    r.stderr.strip()
+    .splitlines()[-1]
+    .startswith('cxrjax: error: --config.experiment.convolution: this key was renamed; use --config.experiment.kernels')
+  )
+
+
+def test_cpu_backend_refuses_to_run_off_one_cpu_device():
+  assert backends.stock().check_devices() is None  # stock fits any device list
+  CpuBackend().check_devices()  # this test process: one CPU device
 
 
 def test_config_hash_is_unchanged_by_the_kernels_rename():

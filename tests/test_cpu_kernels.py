@@ -32,10 +32,10 @@ import pytest
 from jax import lax
 
 from cxrjax import backends
-from cxrjax.backends import cpu
 from cxrjax.backends.base import Backend
 from cxrjax.backends.cpu import layers as cpu_layers
 from cxrjax.backends.cpu import onednn, strided_conv, subpixel_conv
+from cxrjax.backends.cpu.backend import CpuBackend
 from cxrjax.errors import UserError
 from cxrjax.models import efficientnet_v2, resnet
 from cxrjax.models import layers as stock_layers
@@ -76,11 +76,11 @@ def _xla(x, w, s, p):
 def test_auto_uses_onednn_on_one_cpu_device():
   # The test command installs the `onednn` extra, so here 'auto' must find and build it.
   backend = backends.select('auto')
-  assert isinstance(backend, cpu.CpuBackend), backend.why
+  assert isinstance(backend, CpuBackend), backend.why
   assert backend.kernels.startswith('oneDNN 3.') and 'libdnnl.so.3' in backend.kernels
   assert backend.layers is cpu_layers.LAYERS
   assert backend.describe().startswith(f'cpu ({backend.kernels}; fused Adam)')
-  assert isinstance(backends.select('cpu'), cpu.CpuBackend)
+  assert isinstance(backends.select('cpu'), CpuBackend)
   stock = backends.select('stock')
   assert type(stock) is Backend and stock.layers is stock_layers.STOCK and not stock.why
   with pytest.raises(UserError, match="kernels: expected one of auto, stock, cpu, got 'fast'"):
@@ -603,7 +603,7 @@ def test_cpu_backend_adam_is_optax_adam_with_the_fused_update():
     'half': jnp.ones((5,), jnp.bfloat16),  # not float32: optax's arithmetic in jnp
   }
   schedule = optax.cosine_decay_schedule(1e-2, 10)
-  ours, ref = cpu.CpuBackend().adam(schedule, b1=0.5, b2=0.99), optax.adam(schedule, b1=0.5, b2=0.99)
+  ours, ref = CpuBackend().adam(schedule, b1=0.5, b2=0.99), optax.adam(schedule, b1=0.5, b2=0.99)
   state, want_state = ours.init(params), ref.init(params)
   assert jax.tree.structure(state) == jax.tree.structure(want_state)  # checkpoints interchangeable
   update = jax.jit(ours.update, donate_argnums=(1,))  # moments updated in place, as in the trainers

@@ -3,7 +3,7 @@
 XLA's CPU flags, glibc malloc's reuse of freed buffers, XLA's pool size, the block cache
 (`block_cache.c`, preloaded) and the command line's restart with it, and the per-program
 compiler options. None of it happens on import: the entry point sets it up
-(`cxrjax.entry.start` -> `CpuBackend.configure_process`) before JAX starts, so every
+(`cxrjax.entry.start` -> `entry.configure` -> `process.configure`) before JAX starts, so every
 test that looks at a process setting runs in a fresh interpreter.
 
 Tolerances: the compiler options change how XLA fuses the elementwise ops of a step, so
@@ -28,9 +28,9 @@ import numpy as np
 import optax
 import pytest
 
-from cxrjax.backends import cpu
 from cxrjax.backends.base import Backend
 from cxrjax.backends.cpu import process
+from cxrjax.backends.cpu.backend import CpuBackend
 from cxrjax.models import dcgan
 
 from conftest import ROOT
@@ -209,7 +209,7 @@ def test_one_pool_thread_sizes_xla_cpu_pool_before_jax_starts():
 
 def test_compile_options_per_program(monkeypatch):
   monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
-  backend = cpu.CpuBackend()
+  backend = CpuBackend()
   # Steps made of many small elementwise ops leave them to XLA's own fusions; ResNet-18's keep YNN's.
   for program in ('dcgan', 'unet', 'efficientnet_v2_b0', 'efficientnet_v2_s'):
     assert backend.compile_options(program) == process.NO_ELEMENTWISE_YNN, program
@@ -239,7 +239,7 @@ def test_compile_options_per_program(monkeypatch):
 # and the DCGAN's option is for), compiled with the process's flags alone and with the option.
 _YNN_ELEMENTWISE = """
 import json
-from cxrjax.backends import cpu
+from cxrjax.backends.cpu.backend import CpuBackend
 from cxrjax.backends.cpu import layers, process
 process.set_xla_flags()
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
@@ -253,7 +253,7 @@ class Net(nn.Module):
 x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 14, 14, 32), dtype=np.float32))
 params = Net().init(jax.random.key(1), x)
 lowered = jax.jit(jax.value_and_grad(lambda p, x: Net().apply(p, x))).lower(params, x)
-options = cpu.CpuBackend().compile_options('unet')
+options = CpuBackend().compile_options('unet')
 default, without = lowered.compile(), lowered.compile(compiler_options=options)
 (loss_a, grads_a), (loss_b, grads_b) = default(params, x), without(params, x)
 print(json.dumps(dict(
@@ -293,7 +293,7 @@ class _EveryInitializer(nn.Module):
 
 def test_init_programs_compile_at_level_1_to_the_same_bits(monkeypatch):
   monkeypatch.delenv('CXRJAX_KEEP_XLA_FLAGS', raising=False)
-  options = cpu.CpuBackend().compile_options('init')
+  options = CpuBackend().compile_options('init')
   assert options == {'xla_backend_optimization_level': 1}
   model, tx = _EveryInitializer(), optax.adam(1e-3)
 

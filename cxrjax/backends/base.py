@@ -9,11 +9,6 @@ import optax
 from cxrjax.models.layers import STOCK, Layers
 
 
-def main_program(config) -> str:
-  """The program that dominates an experiment's time: the generator's step, or the classifier's."""
-  return {'gan': 'dcgan', 'ldm': 'unet'}.get(config.trainer, config.model.name)
-
-
 class Backend:
   """The one seam between cxrjax and platform kernels; this base class is the stock backend.
 
@@ -27,6 +22,7 @@ class Backend:
     parameter initialisation, else the name of the model whose step it is);
   - `configure_process(program)`: process settings that must precede JAX's start, for a
     process whose time goes mostly to `program` (None: several kinds of program);
+  - `check_devices()`: once JAX has started, that its devices fit the backend;
   - `describe()` and `record()`: a line for the banner, a dict for `metrics.json`.
 
   Stock is plain Flax, optax and XLA's defaults: what GPU and TPU users run, and
@@ -67,6 +63,9 @@ class Backend:
     """
     del program
     return self.process
+
+  def check_devices(self) -> None:
+    """Confirms, once JAX has started, that its devices fit this backend (stock fits any)."""
 
   def describe(self) -> str:
     """One line for the banner."""

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-import cxrjax  # noqa: F401 - sets XLA flags before JAX starts
-from cxrjax import config_lib, diffusion, fileio, seeding
+from cxrjax import config_lib, diffusion, entry, fileio, seeding
 from cxrjax import main as cli
 from cxrjax import mesh as mesh_lib
+from cxrjax.backends.base import Backend
 from cxrjax.errors import UserError
 from cxrjax.trainers import common, generative, ldm
 
@@ -104,7 +104,7 @@ _OUT = flags.DEFINE_string('out', None, 'Also write the probe as JSON here.')
 _NUM = flags.DEFINE_integer('num_images', 128, 'Encoded training images (and samples) probed.')
 
 
-def probe(config, gen_dir: str, num_images: int) -> dict:
+def probe(config, gen_dir: str, num_images: int, backend=None) -> dict:
   """Loads a trained LDM (never trains one) and runs both probes on the minority class."""
   # Both stages must be finished with this very config, so `ldm.train` below only restores.
   want = config_lib.generator_hash(config)
@@ -121,7 +121,8 @@ def probe(config, gen_dir: str, num_images: int) -> dict:
   if config.ldm.eta != 0:
     raise UserError(f'config.ldm.eta={config.ldm.eta!r}: the probe follows deterministic DDIM; expected 0')
   data = common.prepare_data(generative._base_config(config))
-  _, handle = ldm.train(config, gen_dir, data, mesh_lib.make_mesh(config.mesh), {})
+  backend = backend or Backend()
+  _, handle = ldm.train(config, gen_dir, data, mesh_lib.make_mesh(config.mesh), {}, backend)
   ae, unet, scale = handle['ae_model'], handle['unet'], handle['scale']
   schedule = diffusion.make_schedule(config.ldm.schedule, config.ldm.num_timesteps)
   cls = config.imbalance.minority_class
@@ -169,7 +170,9 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS['config'].value
     if config is None or not _GEN_DIR.value:
       raise UserError('give --config (the LDM config) and --generator_dir')
-    result = probe(config_lib.finalize(config), _GEN_DIR.value, _NUM.value)
+    config = config_lib.finalize(config)
+    backend = entry.start(config, compilation_cache=cli.compilation_cache())  # before any JAX work
+    result = probe(config, _GEN_DIR.value, _NUM.value, backend)
     if _OUT.value:
       fileio.atomic_write_json(_OUT.value, result)
   except UserError as e:

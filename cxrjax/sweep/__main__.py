@@ -99,6 +99,7 @@ def main(argv: list[str]) -> None:
     backend = entry.start(sweep.experiment, distributed=cli.distributed(), compilation_cache=cli.compilation_cache(),
                           one_program=False)  # fmt: skip
     cli.maybe_initialize_distributed()
+    backend.check_devices()
     workdir = flags.FLAGS['workdir'].value or cli._workdir(flags.FLAGS['config'].serialize().split('=', 1)[-1])
     os.makedirs(workdir, exist_ok=True)
     import jax  # noqa: PLC0415

@@ -1,7 +1,7 @@
-"""Trainers: each exposes `train_and_evaluate(config, workdir)`; `TRAINERS` maps names to them.
+"""Trainers: each exposes `train_and_evaluate(config, workdir, backend)`; `TRAINERS` maps names to them.
 
 'gan' and 'ldm' are the generative-oversampling pipeline (`generative.py`) with
-the generator backend of that name (`generative.GENERATORS`). The classifier is
+the generator of that kind (`generative.GENERATORS`). The classifier is
 given the reference network's encoder (`reference.py`) for SMOTE in feature
 space: the trainer and the data layer sit below that network and do not import it.
 """

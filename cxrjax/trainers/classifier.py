@@ -1,4 +1,4 @@
-"""The classifier trainer: `train_and_evaluate(config, workdir)`.
+"""The classifier trainer: `train_and_evaluate(config, workdir, backend)`, and its program factory.
 
 Trains a classifier (ResNet-18 by default) on the rebalanced training set,
 validates every epoch, keeps the best parameters by `config.select_metric`,
@@ -223,7 +223,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
   def validate(step: int, state, train_avg: dict) -> tuple[float, dict]:
     variables = eval_variables(state)
     if not all(common.finite(x) for x in jax.tree.leaves(jax.device_get(variables['params']))):
-      raise loop.TrainingDiverged(f'[classifier] parameters became NaN/Inf by step {step}')
+      raise loop.TrainingDiverged(f'parameters became NaN/Inf by step {step}')
     val_probs = predict_split(predict, variables, ds.splits['val'], config.eval_batch_size, mesh)
     vm = evaluate(val_probs, ds.splits['val'], config, ds.class_names)
     keys = config_select_keys(vm)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from cxrjax import config_lib, fileio, progress, seeding
-from cxrjax.backends.base import Backend, main_program
+from cxrjax.backends.base import Backend
 from cxrjax.data import imbalance, rebalance, sources
 from cxrjax.data.dataset import Dataset, Split
 from cxrjax.errors import UserError
@@ -163,7 +163,7 @@ def run_info(config: ml_collections.ConfigDict, backend: Backend) -> dict[str, A
     process_count=jax.process_count(),
     platform=jax.default_backend(),
     xla_flags=os.environ.get('XLA_FLAGS', ''),
-    backend=backend.record(sorted({'init', main_program(config), config.model.name})),
+    backend=backend.record(sorted({'init', config_lib.main_program(config), config.model.name})),
     command=command_line(),
     host=platform.node(),
   )

@@ -1,4 +1,4 @@
-"""Generative oversampling, all stages: `train_and_evaluate(config, workdir)` for 'gan' and 'ldm'.
+"""Generative oversampling, all stages: `train_and_evaluate(config, workdir, backend)` for 'gan' and 'ldm'.
 
   1. train the generator on the imbalanced training split  -> workdir/generator/
   2. synthesize minority images up to rebalance.target_ratio -> workdir/synthetic.npz
@@ -33,8 +33,8 @@ from cxrjax.eval import features as features_lib
 from cxrjax.eval import genquality, inception_features, report
 from cxrjax.trainers import classifier, common, gan, ldm, reference
 
-# The generator backends, by trainer name: a module with
-# `train(config, gen_dir, data, mesh, needed) -> (record, handle)` and
+# The generator kinds, by trainer name: a module with
+# `train(config, gen_dir, data, mesh, needed, backend) -> (record, handle)` and
 # `synthesize(config, handle, data, labels) -> uint8 images`.
 GENERATORS = {
   'gan': gan,

@@ -161,12 +161,12 @@ def run(
       compiler_options=program.step_options,
     )
     prog = progress.Progress(name, total_steps, start)
+    batches = make_batches(start)
     wall0, t_session = float(meta.get('wall_time', 0.0)), time.time()
     wait0, wait_s = float(meta.get('input_wait_s', 0.0)), 0.0
     last_good = start if latest is not None else None
     pending: list[tuple[int, dict]] = []
     avg: dict[str, float] = {}
-    batches = make_batches(start)
     step = start
     t_int, n_int = time.time(), 0
 
@@ -211,7 +211,10 @@ def run(
         for cb in callbacks or ():
           cb(step, state, avg)
       if validate:
-        value, record = validation.evaluate(step, state, avg)
+        try:
+          value, record = validation.evaluate(step, state, avg)
+        except TrainingDiverged as e:  # e.g. parameters NaN/Inf: name the last good checkpoint
+          raise _diverged(name, str(e), last_good, workdir) from e
         meta['validation'].append(record)
         improved = meta['best'] is None or (value == value and value > meta['best']['value'])
         if improved:

@@ -69,8 +69,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     and batch_group_count == 1
     and preferred_element_type is None
     and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-    and not isinstance(padding, str)
   )
+  if plain and isinstance(padding, str):  # 'SAME' / 'VALID' (flax's default) as explicit pairs
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   if plain:
     k, strides, pads = rhs.shape[0], tuple(window_strides), tuple(tuple(p) for p in padding)
     square = rhs.shape[0] == rhs.shape[1]

@@ -238,10 +238,9 @@ struct Memory {  // a oneDNN view of a buffer it does not own
 
 // A growable, page-aligned byte buffer mapped outside the malloc heap. Calls are
 // serialised (below), so each of the three buffers is reused by every call: no
-// allocation per call, and nothing left in the heap to fragment it (with cxrjax's
-// malloc setting, per-call blocks carved up the space XLA's freed scratch buffer
-// leaves, the heap grew by a whole scratch buffer at a time, and a 64-px ResNet-18
-// benchmark ran out of 24 GB).
+// allocation per call, and nothing left in the heap to fragment it (with the CPU
+// backend's malloc setting, per-call blocks carved up the space XLA's freed scratch
+// buffer leaves, and the heap grew by a whole scratch buffer at a time: BUILD_NOTES.md).
 struct ScratchBuffer {
   void* data = nullptr;
   size_t capacity = 0;

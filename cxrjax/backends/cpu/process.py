@@ -1,7 +1,9 @@
-"""Process settings of the CPU backend: XLA CPU flags, glibc malloc, XLA's thread pool, the block cache.
+"""What the CPU backend decides and sets before JAX starts: XLA CPU flags, malloc, XLA's pool, the block cache.
 
 All of it must happen before JAX starts its CPU client, so only an entry point
-calls it (through `CpuBackend.configure_process`), never an import.
+calls it (`configure`, through `cxrjax.entry.start`), never an import; and this
+module imports nothing but the standard library, so that the entry point can
+restart and set malloc before JAX, flax and optax are even imported.
 
 - XLA flags: YNN's fusion of dots, elementwise ops and reductions
   (`CPU_FLAGS`) makes CPU training steps much faster; gradients are unchanged
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -53,8 +56,57 @@ NO_ELEMENTWISE_YNN = {
 # level 1 they compile faster and give the same bits (tests/test_cpu_process.py checks it).
 INIT_OPTIONS = {'xla_backend_optimization_level': 1}
 
+# Programs whose steps ran faster without YNN's elementwise fusion: many small elementwise ops (SiLU,
+# squeeze-excitation, GroupNorm, LeakyReLU, embeddings), which XLA's own loop fusions run better.
+# ResNet-18's step keeps it (a few large ReLU / residual maps around oneDNN's kernels); the autoencoder's
+# was not measured. Measurements: BUILD_NOTES.md.
+WITHOUT_ELEMENTWISE_FUSION = frozenset({'efficientnet_v2_b0', 'efficientnet_v2_s', 'dcgan', 'unet'})
+
+# Programs whose steps are nearly all oneDNN calls, which ran faster with one XLA pool thread; the UNet's
+# and EfficientNetV2-S's steps, with more XLA work of their own, ran slower.
+ONE_POOL_THREAD = frozenset({'dcgan', 'efficientnet_v2_b0', 'resnet18'})
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def extension_unavailable() -> str | None:
+  """Why the oneDNN extension cannot be had here (no wheel; no compiler and no cached build), or None."""
+  if not os.environ.get('CXRJAX_ONEDNN_LIB'):
+    try:
+      importlib.metadata.distribution('onednn-cpu-gomp')
+    except importlib.metadata.PackageNotFoundError:
+      return 'the onednn-cpu-gomp wheel is not installed (pip install cxrjax[onednn])'
+  cached = any(cache_dir('onednn').glob('onednn_conv-*.so')) if cache_dir('onednn').is_dir() else False
+  if not cached and shutil.which(os.environ.get('CXX', 'g++')) is None:
+    return f'no C++ compiler ({os.environ.get("CXX", "g++")}) to build the oneDNN extension'
+  return None
+
+
+def compile_options(program: str) -> dict | None:
+  """XLA options for one jitted program on the CPU backend ('init' or a model's step); None: the flags alone."""
+  if keep_xla_flags():
+    return None  # the user's XLA flags rule
+  if program == 'init':
+    return dict(INIT_OPTIONS)
+  return dict(NO_ELEMENTWISE_YNN) if program in WITHOUT_ELEMENTWISE_FUSION else None
+
+
+def configure(program: str | None) -> dict[str, str]:
+  """Restarts once with the block cache, then sets XLA's CPU flags, malloc and (per program) the pool size.
+
+  Args:
+    program: what the process will mostly run (`config_lib.main_program`), or None
+      for a process that runs several kinds of program (a sweep): no pool size then.
+
+  Returns:
+    What was done, for the banner and `metrics.json`.
+  """
+  no_cache = reexec_with_block_cache()  # returns only when no restart was needed or possible
+  done = dict(xla_flags=set_xla_flags(), malloc=configure_malloc() + (f'; {no_cache}' if no_cache else ''))
+  if program in ONE_POOL_THREAD:
+    done['xla_cpu_pool'] = use_one_pool_thread()
+  return done
 
 
 def keep_xla_flags() -> bool:
