@@ -105,26 +105,30 @@ def run_gan(mesh_shape, images, labels, steps, fsdp_min_size, devices):
   return losses, jax.tree.map(np.asarray, jax.device_get(state.g_params))
 
 
-def main():
+def main(part: str):
+  """`part`: 'classifier' or 'gan' (each test runs its own, so two test workers share the work)."""
   assert jax.device_count() == 8, jax.devices()
   with np.load(os.path.join(os.environ['CXRJAX_DATA_DIR'], 'pneumoniamnist.npz')) as z:
     images = z['train_images'][:48, :, :, None]
     labels = z['train_labels'][:48, 0].astype(np.int32)
-  ref_losses, ref_params, _ = run((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
-  out = {'single': {'losses': ref_losses}}
-  for name, shape in (('data8', (8, 1)), ('fsdp', (2, 4))):
-    losses, params, n_sharded = run(shape, images, labels, 3, 256, jax.devices())
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params))
-    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_params))
-    out[name] = {'losses': losses, 'max_param_diff': max(diffs), 'param_scale': scale, 'sharded_leaves': n_sharded}
-  ref_losses, ref_g = run_gan((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
-  out['gan_single'] = {'losses': ref_losses}
-  for name, shape in (('gan_data8', (8, 1)), ('gan_fsdp', (2, 4))):
-    losses, g = run_gan(shape, images, labels, 3, 256, jax.devices())
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g, ref_g))
-    out[name] = {'losses': losses, 'max_param_diff': max(diffs)}
+  out = {}
+  if part == 'classifier':
+    ref_losses, ref_params, _ = run((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
+    out['single'] = {'losses': ref_losses}
+    for name, shape in (('data8', (8, 1)), ('fsdp', (2, 4))):
+      losses, params, n_sharded = run(shape, images, labels, 3, 256, jax.devices())
+      diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params))
+      scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_params))
+      out[name] = {'losses': losses, 'max_param_diff': max(diffs), 'param_scale': scale, 'sharded_leaves': n_sharded}
+  else:
+    ref_losses, ref_g = run_gan((1, 1), images, labels, 3, 2**14, jax.devices()[:1])
+    out['gan_single'] = {'losses': ref_losses}
+    for name, shape in (('gan_data8', (8, 1)), ('gan_fsdp', (2, 4))):
+      losses, g = run_gan(shape, images, labels, 3, 256, jax.devices())
+      diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g, ref_g))
+      out[name] = {'losses': losses, 'max_param_diff': max(diffs)}
   print(json.dumps(out))
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(sys.argv[1]))

@@ -14,20 +14,15 @@ pytestmark = pytest.mark.multidevice
 HERE = Path(__file__).resolve().parent
 
 
-def run_worker(script: str) -> dict:
+def run_worker(script: str, *args: str) -> dict:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', CXRJAX_DATA_DIR=str(data_dir()))
-  r = subprocess.run([sys.executable, str(HERE / script)], env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run([sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope='module')
-def sharded_out():
-  return run_worker('sharding_worker.py')
-
-
-def test_classifier_step_data_parallel_and_fsdp_match_single_device(sharded_out):
-  out = sharded_out
+def test_classifier_step_data_parallel_and_fsdp_match_single_device():
+  out = run_worker('sharding_worker.py', 'classifier')
   ref = out['single']['losses']
   for name in ('data8', 'fsdp'):
     # Tolerance from the arithmetic: both sides run the same stock kernels in float64, and
@@ -43,7 +38,8 @@ def test_classifier_step_data_parallel_and_fsdp_match_single_device(sharded_out)
   assert out['fsdp']['sharded_leaves'] > 10, 'FSDP must actually shard parameters and optimizer state'
 
 
-def test_gan_step_data_parallel_and_fsdp_match_single_device(sharded_out):
+def test_gan_step_data_parallel_and_fsdp_match_single_device():
+  sharded_out = run_worker('sharding_worker.py', 'gan')
   ref = sharded_out['gan_single']['losses']
   for name in ('gan_data8', 'gan_fsdp'):
     # Same reasoning as above: float64, only the order of reductions changes (BatchNorm
