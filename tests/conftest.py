@@ -68,6 +68,35 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
   )
 
 
+def torchvision_models():
+  """`torchvision.models`, imported without running `torchvision/__init__.py`.
+
+  The torchvision wheel on the package index is built against CUDA PyTorch; with the CPU
+  PyTorch installed here its compiled operators (`torchvision/_C.so`) cannot load, and
+  `import torchvision` fails while registering them (`torchvision::nms`). The model
+  definitions, weight enums and preprocessing presets are pure Python and need none of
+  them, so the package is entered through a bare module that only carries its path: the
+  model code under test is torchvision's own.
+  """
+  import importlib.util
+  import types
+  import warnings
+
+  if 'torchvision' not in sys.modules:
+    spec = importlib.util.find_spec('torchvision')
+    if spec is None:
+      pytest.fail('torchvision is not installed: `./dev test` installs it (the bench extra)')
+    package = types.ModuleType('torchvision')
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules['torchvision'] = package
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # "Failed to load image Python extension": the compiled operators
+    import torchvision.models
+
+  return torchvision.models
+
+
 def init_variables(module, rng, *args, **static_kwargs):
   """`module.init(rng, *args, **static_kwargs)` as one jitted program, compiled as the trainers compile theirs.
 
