@@ -25,7 +25,8 @@ from cxrjax.errors import UserError
 PROFILES = ('full', 'cpu', 'smoke')
 TRAINERS = ('classifier', 'gan', 'ldm')
 SOURCES = ('auto', 'npz', 'folder', 'tfds', 'phantom')
-MODELS = ('resnet18', 'efficientnet_v2_b0', 'efficientnet_v2_s')
+MODELS = ('resnet18', 'efficientnet_v2_b0', 'efficientnet_v2_s', 'inception_v3')
+INPUT_NORMS = ('auto', 'none', 'imagenet', 'inception')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('cosine', 'constant')
 LOSSES = ('ce', 'focal')
@@ -42,7 +43,20 @@ SELECT_METRICS = (
   'loss',
 )
 
-OPTIONAL_KEYS = ('quality.inception_weights',)
+# Keys added after runs existed, with the value that means "as before": at that value they
+# hash like their absence, so adding such an option never invalidates finished workdirs.
+OPTIONAL_KEYS = {
+  'quality.inception_weights': '',
+  'model.pretrained': '',
+  'model.pretrained_head': False,
+  'model.input_norm': 'auto',
+  'model.batch_norm': 'train',
+  'model.aux_logits': False,
+  'model.aux_loss_weight': 0.4,
+  'model.dropout_rate': 0.5,
+  'optim.backbone_lr_mult': 1.0,
+  'optim.freeze_backbone_epochs': 0.0,
+}
 
 KERNELS = ('auto', 'stock', 'cpu')  # config.kernels: see cxrjax.backends
 LEGACY_CONVOLUTION = {'auto': 'auto', 'cpu': 'onednn', 'stock': 'xla'}
@@ -140,6 +154,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.stem = 'auto'  # 'cifar': full resolution stem for small images; 'imagenet': stride 2 (4 for ResNet)
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on accelerators
   c.model.ema_decay = 0.0  # > 0: validate and test an exponential moving average of the weights
+  # Start from pretrained weights: a torchvision/timm `.pth` or `.safetensors` file, 'torchvision'
+  # (the file torchvision caches under $TORCH_HOME), or a cxrjax run's `export/` folder. '' trains
+  # from scratch. The classification head is new (K classes) unless `pretrained_head`.
+  c.model.pretrained = ''
+  c.model.pretrained_head = False  # keep the file's head too (same classes, e.g. an export of this task)
+  # The input path (cxrjax.models.preprocess): 'auto' is what the weights expect (ImageNet
+  # mean/std for ResNet and EfficientNetV2, [-1, 1] for Inception-V3; an export's own), else 'none'.
+  c.model.input_norm = 'auto'
+  c.model.batch_norm = 'train'  # 'frozen': normalise with the (imported) running statistics, never update them
+  c.model.aux_logits = False  # Inception-V3's auxiliary classifier (trained with weight aux_loss_weight)
+  c.model.aux_loss_weight = 0.4
+  c.model.dropout_rate = 0.5  # Inception-V3's dropout before the head
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adam'
@@ -151,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = 'constant'  # higher test specificity than cosine on PneumoniaMNIST (BUILD_NOTES.md)
   c.optim.warmup_epochs = 0.0
   c.optim.grad_clip = 0.0  # global norm; 0 disables
+  # Fine-tuning: the backbone (every parameter but the head) learns at lr * backbone_lr_mult,
+  # and not at all for the first freeze_backbone_epochs (the head alone adapts first).
+  c.optim.backbone_lr_mult = 1.0
+  c.optim.freeze_backbone_epochs = 0.0
 
   c.batch_size = 128  # global, across all devices and processes
   c.eval_batch_size = 256
@@ -289,10 +319,10 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   d = json.loads(config.to_json_best_effort(sort_keys=True))
   # Optional keys added after runs existed hash like their absence when unset, so
   # adding such an option never invalidates finished workdirs.
-  for key in OPTIONAL_KEYS:
+  for key, absent in OPTIONAL_KEYS.items():
     section, leaf = key.split('.')
-    if not d.get(section, {}).get(leaf, ''):
-      d.get(section, {}).pop(leaf, None)
+    if leaf in d.get(section, {}) and d[section][leaf] == absent:
+      d[section].pop(leaf)
   for key in RUNTIME_KEYS:
     node = d
     *parents, leaf = key.split('.')
@@ -390,6 +420,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'model.name', MODELS)
   _one_of(config, 'model.stem', ('auto', 'cifar', 'imagenet'))
   _one_of(config, 'model.dtype', ('float32', 'bfloat16'))
+  _one_of(config, 'model.input_norm', INPUT_NORMS)
+  _one_of(config, 'model.batch_norm', ('train', 'frozen'))
   _one_of(config, 'kernels', KERNELS)
   _one_of(config, 'optim.name', OPTIMIZERS)
   _one_of(config, 'optim.schedule', SCHEDULES)
@@ -462,6 +494,15 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(config.optim.weight_decay >= 0, 'optim.weight_decay', config.optim.weight_decay, '>= 0')
   _require(config.optim.warmup_epochs >= 0, 'optim.warmup_epochs', config.optim.warmup_epochs, '>= 0')
   _require(config.optim.grad_clip >= 0, 'optim.grad_clip', config.optim.grad_clip, '>= 0')
+  _require(config.optim.backbone_lr_mult >= 0, 'optim.backbone_lr_mult', config.optim.backbone_lr_mult, '>= 0')
+  freeze = config.optim.freeze_backbone_epochs
+  _require(
+    0 <= freeze <= config.num_epochs, 'optim.freeze_backbone_epochs', freeze, f'in [0, num_epochs={config.num_epochs}]'
+  )
+  _require(config.model.aux_loss_weight >= 0, 'model.aux_loss_weight', config.model.aux_loss_weight, '>= 0')
+  _require(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', config.model.dropout_rate, 'in [0, 1)')
+  _require(not config.model.aux_logits or config.model.name == 'inception_v3', 'model.aux_logits',
+           config.model.aux_logits, 'False (only inception_v3 has an auxiliary classifier)')  # fmt: skip
   _require(config.batch_size >= 1, 'batch_size', config.batch_size, '>= 1')
   _require(config.eval_batch_size >= 1, 'eval_batch_size', config.eval_batch_size, '>= 1')
   _require(config.num_epochs >= 1, 'num_epochs', config.num_epochs, '>= 1')

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import jax
@@ -19,6 +22,13 @@ from cxrjax.backends.cpu import process
 entry.enable_compilation_cache(os.path.expanduser(entry.DEFAULT_COMPILATION_CACHE))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+  """End-to-end and multi-device tests first: with two workers, a long test that starts last
+  leaves one core idle until it ends."""
+  slow = [i for i in items if i.get_closest_marker('e2e') or i.get_closest_marker('multidevice')]
+  items[:] = slow + [i for i in items if i not in slow]
 
 
 def data_dir() -> Path:
@@ -78,10 +88,6 @@ def torchvision_models():
   them, so the package is entered through a bare module that only carries its path: the
   model code under test is torchvision's own.
   """
-  import importlib.util
-  import types
-  import warnings
-
   if 'torchvision' not in sys.modules:
     spec = importlib.util.find_spec('torchvision')
     if spec is None:
@@ -92,7 +98,7 @@ def torchvision_models():
     sys.modules['torchvision'] = package
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # "Failed to load image Python extension": the compiled operators
-    import torchvision.models
+    import torchvision.models  # noqa: PLC0415  (torch only for the tests that compare with it)
 
   return torchvision.models
 

@@ -43,10 +43,17 @@ def assert_outputs(workdir):
   return m
 
 
-def test_smoke_baseline_on_pneumoniamnist(tmp_path):
-  wd = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def baseline_smoke(tmp_path_factory):
+  """One smoke baseline run, shared: its outputs are checked below and its export is fine-tuned."""
+  wd = tmp_path_factory.mktemp('baseline') / 'run'
   r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={wd}'])
   assert r.returncode == 0, r.stderr[-3000:]
+  return wd, r
+
+
+def test_smoke_baseline_on_pneumoniamnist(baseline_smoke):
+  wd, r = baseline_smoke
   m = assert_outputs(wd)
   assert m['data']['source']['kind'] == 'npz' and not m['phantom']
   assert m['data']['imbalance']['counts_after'] == [1214, 405]  # before the smoke profile's cap
@@ -62,6 +69,29 @@ def test_smoke_baseline_on_pneumoniamnist(tmp_path):
   # The kernels in use, said in both places.
   assert m['run']['backend']['description'].startswith('cpu (oneDNN 3.'), m['run']['backend']
   assert f'kernels: {m["run"]["backend"]["description"]}' in r.stderr
+
+
+def test_finetune_from_an_export_with_a_frozen_backbone_epoch(baseline_smoke, tmp_path):
+  # The fine-tuning machinery end to end: the baseline's export as the pretrained network, a new
+  # head, one epoch with the backbone frozen, then all layers at half the learning rate.
+  export = baseline_smoke[0] / 'export'
+  wd = tmp_path / 'finetune'
+  r = run_cli(['--config=configs/baseline.py:smoke', f'--workdir={wd}', f'--config.model.pretrained={export}',
+               '--config.num_epochs=2', '--config.optim.freeze_backbone_epochs=1',
+               '--config.optim.backbone_lr_mult=0.5'])  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  m = assert_outputs(wd)
+  ft = m['finetune']
+  p = ft['pretrained']
+  assert p['format'] == 'export' and p['path'] == str(export) and len(p['sha256']) == 64
+  assert p['head'] == 'reinitialised' and p['reinitialised'] == ['params/head/bias', 'params/head/kernel']
+  assert p['tensors'] > 50 and not p['ignored']
+  assert ft['input_norm'] == 'none'  # the export's own input path (a from-scratch grayscale run)
+  assert ft['freeze_backbone_steps'] == m['train']['steps_per_epoch']
+  assert ft['trained'].startswith('the head only for') and '0.5x the learning rate' in ft['trained']
+  report = (wd / 'report.md').read_text()
+  assert f'- Started from: `{export}` (export' in report and p['sha256'] in report
+  assert '[classifier] starting from' in r.stderr
 
 
 def test_smoke_on_kermany_folder(tmp_path, chest_xray):
@@ -136,6 +166,10 @@ BAD_INPUTS = {
     "unknown config key 'data.pth'; did you mean data.path",
   ),
   'mistyped value': (lambda tmp, cx: ['--config.num_epochs=many'], 'num_epochs'),
+  'missing weights file': (
+    lambda tmp, cx: [f'--config.model.pretrained={tmp / "resnet18.pth"}'],
+    'resnet18.pth: weights file not found',
+  ),
   'bad profile': (lambda tmp, cx: [], 'expected one of full, cpu, smoke'),
   'batch vs devices': (
     lambda tmp, cx: ['--config.batch_size=30'],

@@ -264,7 +264,11 @@ def test_timm_efficientnet_v2_is_refused(tmp_path):
 @pytest.mark.parametrize(
   'overrides,channels,expected',
   [
-    ({}, 1, ["'conv1.weight' (params/stem_conv/kernel)", '(7, 7, 3, 64) in the file', '(7, 7, 1, 64)', 'rgb_input']),
+    (
+      {},
+      1,
+      ["'conv1.weight' (params/stem_conv/kernel)", '(7, 7, 3, 64) in the file', '(7, 7, 1, 64)', 'model.input_norm'],
+    ),
     ({'stem': 'cifar'}, 3, ['(7, 7, 3, 64) in the file', '(3, 3, 3, 64)', "model.stem='imagenet'"]),
     ({'width': 32}, 3, ['(7, 7, 3, 64) in the file', '(7, 7, 3, 32)', 'width']),
   ],

@@ -8,11 +8,15 @@ import sys
 
 import pytest
 
+from cxrjax.sweep import report as sweep_report
+
 from conftest import ROOT, data_dir
 
 pytestmark = pytest.mark.e2e
 
-METHODS = 'baseline,oversample,dcgan,mix:dcgan+cdcgan_a0.25,cdcgan_a0.25'
+# A classic method, a generator, and the mix that needs a second generator (the cDCGAN, trained
+# for the mix alone): every kind of shared stage, in eight classifier runs.
+METHODS = 'baseline,oversample,dcgan,mix:dcgan+cdcgan_a0.25'
 
 
 def sweep(wd, env=None):
@@ -33,7 +37,7 @@ def test_sweep_interrupted_then_resumed_then_skipped(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count('already complete') == 4, 'the 4 finished runs are skipped after the interruption'
   assert '[gan:pneumonia] resumed from' in r.stderr
-  for name in ('report.md', 'table.md', 'table.csv', 'stats.json', 'metrics_bars.png', 'alpha_sweep.png',
+  for name in ('report.md', 'table.md', 'table.csv', 'stats.json', 'metrics_bars.png',
                'training_curves.png', 'gradcam_baseline.png', 'gradcam_mix_dcgan_cdcgan_a0.25.png'):  # fmt: skip
     assert (wd / name).is_file(), name
   # Shared stages: one DCGAN and one cDCGAN generator for both seeds, one reference network.
@@ -58,4 +62,17 @@ def test_sweep_interrupted_then_resumed_then_skipped(tmp_path):
   )
   # Everything finished: a rerun only re-aggregates.
   r = sweep(wd)
-  assert r.returncode == 0 and r.stderr.count('already complete') == 10
+  assert r.returncode == 0 and r.stderr.count('already complete') == 8
+
+
+def test_alpha_plot_marks_each_alpha_and_the_references(tmp_path):
+  # The cDCGAN alpha figure from aggregated statistics (the sweep above runs no standalone cDCGAN).
+  def stat(mean):
+    return {'mean': mean, 'low': mean - 0.05, 'high': mean + 0.05}
+
+  methods = {m: {'specificity': stat(0.8 + 0.01 * i), 'recall': stat(0.9 - 0.01 * i)}
+             for i, m in enumerate(('baseline', 'dcgan', 'cdcgan_a0.25', 'cdcgan_a0.75'))}  # fmt: skip
+  path = tmp_path / 'alpha.png'
+  assert sweep_report._alpha_plot({'methods': methods}, str(path)) and path.stat().st_size > 1000
+  assert not sweep_report._alpha_plot({'methods': {'baseline': methods['baseline']}}, str(tmp_path / 'none.png'))
+  assert not (tmp_path / 'none.png').exists()

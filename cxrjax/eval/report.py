@@ -124,6 +124,26 @@ def data_section(data: dict) -> list[str]:
   return lines
 
 
+def finetune_lines(finetune: dict | None) -> list[str]:
+  """report.md lines on what a classifier started from and which layers it trained."""
+  if not finetune:
+    return []
+  p = finetune.get('pretrained')
+  if p:
+    start = (
+      f'- Started from: `{p["source"]}` ({p["format"]} `{p["path"]}`, sha256 `{p["sha256"]}`): {p["tensors"]} variables'
+    )
+    start += f'; head {p["head"]}' + (f' ({p["head_reason"]})' if p.get('head_reason') else '')
+    if p.get('ignored'):
+      start += f'; not used: {", ".join(p["ignored"])}'
+  else:
+    start = '- Started from: random initialisation'
+  return [
+    start,
+    f'- Input path: `{finetune["input_norm"]}` normalisation; trained: {finetune["trained"]}',
+  ]
+
+
 def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
   """Figures, report.md, then metrics.json: written last, it marks the run complete."""
   phantom = record['phantom']
@@ -157,6 +177,7 @@ def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
     if tr['best']
     else '- Best epoch: none',
     f'- Devices: {len(run["devices"])} x {run["platform"]}, {run["process_count"]} process(es)',
+    *finetune_lines(record.get('finetune')),
     '',
   ]
   lines += data_section(record['data'])

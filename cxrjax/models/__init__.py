@@ -14,11 +14,30 @@ from cxrjax.models.layers import STOCK, Layers
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+def input_path(model_config) -> dict:
+  """The input-path fields every classifier takes (see `cxrjax.models.preprocess`).
+
+  Pretrained-style inputs (`input_norm` other than 'none') are RGB: grayscale is
+  replicated. 'auto' without pretrained weights, and exports written before these fields
+  existed, read as 'none'.
+  """
+  norm = model_config.get('input_norm', 'none')
+  if norm == 'auto':
+    if model_config.get('pretrained'):  # what the weights expect: cxrjax.trainers.finetune.model_config
+      raise ValueError("model.input_norm 'auto' with pretrained weights is resolved by cxrjax.trainers.finetune")
+    norm = 'none'  # from scratch
+  return dict(
+    input_norm=norm, rgb_input=norm != 'none', frozen_batch_norm=model_config.get('batch_norm', 'train') == 'frozen'
+  )
+
+
 def _resnet18(model_config, num_classes: int, image_shape, layers: Layers):
   stem = model_config.stem
   if stem == 'auto':
     stem = 'imagenet' if image_shape[0] >= 128 else 'cifar'
-  return resnet.resnet18(num_classes, model_config.width, stem, DTYPES[model_config.dtype], layers)
+  return resnet.resnet18(
+    num_classes, model_config.width, stem, DTYPES[model_config.dtype], layers, **input_path(model_config)
+  )
 
 
 def _efficientnet_v2(variant: str):
@@ -35,6 +54,7 @@ def _efficientnet_v2(variant: str):
       dtype=DTYPES[model_config.dtype],
       drop_path_rate=model_config.drop_path_rate,
       layers=layers,
+      **input_path(model_config),
     )
 
   return build
@@ -44,6 +64,17 @@ CLASSIFIERS = {
   'resnet18': _resnet18,
   'efficientnet_v2_b0': _efficientnet_v2('b0'),
   'efficientnet_v2_s': _efficientnet_v2('s'),
+}
+
+
+# The classification head(s) of each classifier: module paths under `params`, re-initialised
+# for the task's classes when starting from pretrained weights, and the `head` group of the
+# fine-tuning optimizer (cxrjax.trainers.finetune).
+HEADS = {
+  'resnet18': (('head',),),
+  'efficientnet_v2_b0': (('head',),),
+  'efficientnet_v2_s': (('head',),),
+  'inception_v3': (('head',), ('AuxLogits', 'fc')),
 }
 
 

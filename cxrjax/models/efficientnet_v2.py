@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrjax.models.layers import STOCK, Layers
+from cxrjax.models.preprocess import prepare_input
 
 # The reference's initialisers (effnetv2_model.py): untruncated normal convolutions
 # with stddev sqrt(2 / fan_out), fan_out = kh * kw * out_filters, and a dense kernel
@@ -173,6 +174,7 @@ class MBConv(nn.Module):
     drop_path_rate: probability of dropping the residual branch per sample in training.
     dtype: compute dtype.
     layers: the convolution and BatchNorm constructors (see `EfficientNetV2`).
+    frozen_batch_norm: BatchNorm always normalises with its running statistics (see `EfficientNetV2`).
   """
 
   in_filters: int
@@ -185,11 +187,12 @@ class MBConv(nn.Module):
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   layers: Layers = STOCK
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = _norm(self.layers, train, self.dtype)
+    norm = _norm(self.layers, train and not self.frozen_batch_norm, self.dtype)
     k, s = (self.kernel, self.kernel), (self.stride, self.stride)
     pad = ((self.kernel // 2,) * 2,) * 2
     mid = self.in_filters * self.expand
@@ -263,6 +266,9 @@ class EfficientNetV2(nn.Module):
       projections, head) and BatchNorms. Same parameters whichever a backend passes.
       The squeeze-excitation's 1x1 convolutions on 1x1 maps, dense layers in
       convolution form, are always `nn.Conv`.
+    input_norm, rgb_input: the input path (`cxrjax.models.preprocess.prepare_input`).
+    frozen_batch_norm: every BatchNorm normalises with its running statistics and never
+      updates them, in training too (fine-tuning with imported statistics).
   """
 
   num_classes: int
@@ -274,6 +280,9 @@ class EfficientNetV2(nn.Module):
   dropout_rate: float | None = None
   dtype: jnp.dtype = jnp.float32
   layers: Layers = STOCK
+  input_norm: str = 'none'
+  rgb_input: bool = False
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -282,10 +291,10 @@ class EfficientNetV2(nn.Module):
     stages, width_coefficient, depth_coefficient, variant_dropout = VARIANTS[self.variant]
     multiplier = width_coefficient * self.width
     dropout_rate = variant_dropout if self.dropout_rate is None else self.dropout_rate
-    norm = _norm(self.layers, train, self.dtype)
+    norm = _norm(self.layers, train and not self.frozen_batch_norm, self.dtype)
     conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
 
-    x = x.astype(self.dtype)
+    x = prepare_input(x, self.input_norm, self.rgb_input, self.dtype)
     s = (self.stem_stride, self.stem_stride)
     x = conv(round_filters(stages[0].in_filters, multiplier), (3, 3), s, padding=((1, 1), (1, 1)), name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))
@@ -305,6 +314,7 @@ class EfficientNetV2(nn.Module):
           drop_path_rate=self.drop_path_rate * index / num_blocks,
           dtype=self.dtype,
           layers=self.layers,
+          frozen_batch_norm=self.frozen_batch_norm,
           name=f'stage{i + 1}_block{j + 1}',
         )(x, train)
         index += 1
@@ -330,6 +340,9 @@ def efficientnet_v2(
   dropout_rate: float | None = None,
   depth: float = 1.0,
   layers: Layers = STOCK,
+  input_norm: str = 'none',
+  rgb_input: bool = False,
+  frozen_batch_norm: bool = False,
 ) -> EfficientNetV2:
   """An EfficientNetV2 classifier; see `EfficientNetV2` for the arguments."""
   return EfficientNetV2(
@@ -342,4 +355,7 @@ def efficientnet_v2(
     dropout_rate=dropout_rate,
     dtype=dtype,
     layers=layers,
+    input_norm=input_norm,
+    rgb_input=rgb_input,
+    frozen_batch_norm=frozen_batch_norm,
   )

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cxrjax.models.layers import STOCK, Layers
+from cxrjax.models.preprocess import prepare_input
 
 # torchvision's initialisers: Kaiming-normal (fan_out) convolutions, and
 # PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -65,6 +66,9 @@ class ResNet(nn.Module):
     dtype: compute dtype (parameters stay float32).
     layers: the convolution and BatchNorm constructors (same parameters and
       checkpoints whichever a backend passes).
+    input_norm, rgb_input: the input path (`cxrjax.models.preprocess.prepare_input`).
+    frozen_batch_norm: every BatchNorm normalises with its running statistics and never
+      updates them, in training too (fine-tuning with imported statistics).
   """
 
   num_classes: int
@@ -73,10 +77,14 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   dtype: jnp.dtype = jnp.float32
   layers: Layers = STOCK
+  input_norm: str = 'none'
+  rgb_input: bool = False
+  frozen_batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = x.astype(self.dtype)
+    x = prepare_input(x, self.input_norm, self.rgb_input, self.dtype)
+    train = train and not self.frozen_batch_norm  # `train` only switches BatchNorm here
     conv = functools.partial(self.layers.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
     norm = functools.partial(self.layers.batch_norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)  # fmt: skip
@@ -101,6 +109,7 @@ class ResNet(nn.Module):
 
 
 def resnet18(
-  num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32, layers: Layers = STOCK
+  num_classes: int, width: int = 64, stem: str = 'cifar', dtype=jnp.float32, layers: Layers = STOCK, **input_path
 ) -> ResNet:
-  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype, layers=layers)
+  """A ResNet-18; `input_path`: `input_norm`, `rgb_input`, `frozen_batch_norm` (see `ResNet`)."""
+  return ResNet(num_classes=num_classes, width=width, stem=stem, dtype=dtype, layers=layers, **input_path)

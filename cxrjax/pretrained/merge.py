@@ -74,7 +74,8 @@ def _shape_hint(path: Path, found: tuple[int, ...], expected: tuple[int, ...]) -
       )
     if found[2] == 3 and expected[2] != 3 and (found[:2], found[3]) == (expected[:2], expected[3]):
       return (
-        '; pretrained ImageNet weights take 3-channel input: set model.rgb_input (a grayscale image is repeated to RGB)'
+        "; pretrained ImageNet weights take 3-channel input: set model.input_norm to 'auto' or 'imagenet' (a"
+        ' grayscale image is repeated to RGB)'
       )
   return "; the model must have the file network's width and depth (model.width, model.width_mult, model.depth_mult)"
 

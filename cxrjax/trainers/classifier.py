@@ -30,8 +30,8 @@ from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
-from cxrjax.models import build_classifier
-from cxrjax.trainers import common, loop
+from cxrjax.models import HEADS, build_classifier
+from cxrjax.trainers import common, finetune, loop
 from cxrjax.trainers.program import Program
 
 
@@ -53,8 +53,9 @@ def normalize(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def create_state(model, tx, image_shape, rng, use_ema: bool = False) -> TrainState:
-  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+def create_state(model, tx, image_shape, rng, use_ema: bool = False, start=None) -> TrainState:
+  """The initial state: fresh variables from `rng`, or `start` (variables to begin from, e.g. pretrained)."""
+  variables = start if start is not None else model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   return TrainState(
@@ -80,22 +81,19 @@ def update_ema(ema, params, batch_stats, step, decay: float):
   return jax.tree.map(lambda e, x: d * e + (1.0 - d) * x, ema, new)
 
 
-def make_train_step(model, tx, loss_config, ema_decay: float = 0.0):
-  """A pure `train_step(state, batch, rng) -> (state, metrics)`."""
+def make_train_step(model, tx, loss_config, ema_decay: float = 0.0, aux_loss_weight: float = 0.0):
+  """A pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+  With `aux_loss_weight > 0` the model's auxiliary logits (sown as
+  `intermediates/aux_logits`, Inception-V3's auxiliary classifier) add their loss at that weight.
+  """
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     x = normalize(batch['image'])
 
-    def loss_fn(params):
-      logits, mutated = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        x,
-        train=True,
-        mutable=['batch_stats'],
-        rngs={'dropout': rng},
-      )
-      loss = losses.classification_loss(
+    def loss_of(logits):
+      return losses.classification_loss(
         logits,
         batch['label'],
         batch['weight'],
@@ -103,6 +101,18 @@ def make_train_step(model, tx, loss_config, ema_decay: float = 0.0):
         focal_gamma=loss_config.focal_gamma,
         label_smoothing=loss_config.label_smoothing,
       )
+
+    def loss_fn(params):
+      logits, mutated = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats', 'intermediates'] if aux_loss_weight else ['batch_stats'],
+        rngs={'dropout': rng},
+      )
+      loss = loss_of(logits)
+      if aux_loss_weight:
+        loss = loss + aux_loss_weight * loss_of(mutated['intermediates']['aux_logits'][0])
       return loss, (logits, mutated['batch_stats'])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -183,33 +193,43 @@ def train_and_evaluate(
     )
   total_steps = spe * config.num_epochs
 
+  # A missing or mismatched weights file stops here, before the run writes anything.
+  pretrained_record = finetune.check_pretrained(config, data.dataset.num_classes, data.dataset.image_shape)
   run = common.Run(config, workdir).open()
   try:
     done = common.completed_record(run)
     if done is not None:
       return done
-    return _train(config, run, mesh, data, spe, total_steps, backend)
+    return _train(config, run, mesh, data, spe, total_steps, backend, pretrained_record)
   finally:
     run.close()
 
 
 def program(config, num_classes: int, image_shape, backend: Backend, total_steps: int, steps_per_epoch: int) -> Program:
   """The classifier's training program: `config.model` on `backend`'s layers, `config.optim`, `config.loss`."""
-  model = build_classifier(config.model, num_classes, image_shape, backend.layers)
-  tx, schedule = common.make_optimizer(config.optim, total_steps, steps_per_epoch, backend)
+  model = build_classifier(finetune.model_config(config), num_classes, image_shape, backend.layers)
+  heads = HEADS[config.model.name]
+  tx, schedule = finetune.make_optimizer(config.optim, total_steps, steps_per_epoch, backend, heads)
   init_rng = common.base_key(config, 'classifier/init')
+  start = None
+  if config.model.pretrained:
+    start = functools.partial(finetune.start_variables, model, config.model, image_shape, init_rng)
+  aux_weight = config.model.aux_loss_weight if config.model.aux_logits else 0.0
   return Program(
     name=config.model.name,
-    init=functools.partial(create_state, model, tx, image_shape, init_rng, use_ema=config.model.ema_decay > 0),
-    step=make_train_step(model, tx, config.loss, config.model.ema_decay),
+    init=functools.partial(create_state, model, tx, image_shape, init_rng, config.model.ema_decay > 0),
+    step=make_train_step(model, tx, config.loss, config.model.ema_decay, aux_weight),
     init_options=backend.compile_options('init'),
     step_options=backend.compile_options(config.model.name),
     modules={'classifier': model},
     schedule=schedule,
+    start=start,
   )
 
 
-def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, total_steps: int, backend) -> dict:
+def _train(
+  config, run: common.Run, mesh, data: common.PreparedData, spe: int, total_steps: int, backend, pretrained_record
+) -> dict:
   ds, ts = data.dataset, data.training_set
   k = ds.num_classes
   common.banner(data, config, backend)
@@ -298,6 +318,7 @@ def _train(config, run: common.Run, mesh, data: common.PreparedData, spe: int, t
     run=common.run_info(config, backend),
     data=data.record(),
     model=dict(name=config.model.name, width=config.model.width, num_params=count_params(best_vars['params'])),
+    finetune=finetune.record(config, spe, pretrained_record),
     train=dict(
       steps=total_steps,
       steps_per_epoch=spe,
@@ -342,7 +363,7 @@ def export_classifier(path: str, variables, config, ds) -> None:
   metrics. Orbax writes it atomically; the JSON beside it names the model.
   """
   info = dict(
-    model=config.model.to_dict(),
+    model=finetune.model_config(config).to_dict(),  # input_norm resolved: the export rebuilds as trained
     num_classes=ds.num_classes,
     image_shape=list(ds.image_shape),
     class_names=list(ds.class_names),

@@ -275,16 +275,21 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict, backend: Backe
     progress.log(line)
 
 
-def make_optimizer(optim, total_steps: int, steps_per_epoch: int, backend: Backend):
-  """(optax transform, learning-rate schedule) from `config.optim`; Adam's update is the backend's."""
+def make_schedule(optim, total_steps: int, steps_per_epoch: int):
+  """The learning rate against the step from `config.optim` (warmup, then constant or cosine)."""
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
     if warmup:
-      schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1))
-    else:
-      schedule = optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))
-  else:
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup]) if warmup else optax.constant_schedule(optim.lr)  # fmt: skip
+      return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1))
+    return optax.cosine_decay_schedule(optim.lr, max(total_steps, 1))
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)],
+                                [warmup])  # fmt: skip
+  return optax.constant_schedule(optim.lr)
+
+
+def make_update(optim, schedule, backend: Backend):
+  """The optimizer's update at learning rate `schedule` (no clipping); Adam's is the backend's."""
   if optim.name == 'adam':
     tx = backend.adam(schedule, b1=optim.b1, b2=optim.b2)
     if optim.weight_decay:
@@ -296,9 +301,18 @@ def make_optimizer(optim, total_steps: int, steps_per_epoch: int, backend: Backe
     tx = optax.sgd(schedule, momentum=optim.momentum, nesterov=True)
     if optim.weight_decay:
       tx = optax.chain(optax.add_decayed_weights(optim.weight_decay), tx)
-  if optim.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
-  return tx, schedule
+  return tx
+
+
+def clip(optim, tx):
+  """`tx` after clipping the global gradient norm, when `optim.grad_clip` asks for it."""
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx) if optim.grad_clip else tx
+
+
+def make_optimizer(optim, total_steps: int, steps_per_epoch: int, backend: Backend):
+  """(optax transform, learning-rate schedule) from `config.optim`; Adam's update is the backend's."""
+  schedule = make_schedule(optim, total_steps, steps_per_epoch)
+  return clip(optim, make_update(optim, schedule, backend)), schedule
 
 
 def base_key(config: ml_collections.ConfigDict, name: str) -> jax.Array:

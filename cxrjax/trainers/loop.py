@@ -149,7 +149,9 @@ def run(
         return LoopResult(state, start, float(meta.get('wall_time', 0.0)), meta['history'], start, True, best, meta)
       progress.log(f'[{name}] resumed from {workdir}/ckpt at step {start}')
     else:
-      state = jax.jit(program.init, out_shardings=state_sh, compiler_options=program.init_options)()
+      start_variables = program.start() if program.start is not None else None
+      init = jax.jit(program.init, out_shardings=state_sh, compiler_options=program.init_options)
+      state = init(start_variables) if start_variables is not None else init()
       best = keep(state) if keep is not None else None
       start = 0
 

@@ -25,12 +25,17 @@ class Program:
   Attributes:
     name: the model it trains ('resnet18', 'efficientnet_v2_b0', 'dcgan', 'unet', 'autoencoder', ...),
       the key of the backend's per-program compile options.
-    init: () -> the initial state pytree (it closes over its key); jit it with `init_options`.
+    init: `(start=None) -> the initial state pytree` (it closes over its key); jit it with
+      `init_options`. `start`, when given, holds variables to begin from instead of a fresh
+      initialisation (pretrained weights: what `start` below returns).
     step: the pure `(state, batch, rng) -> (state, metrics)`; jit it with `step_options`.
     init_options: XLA options for compiling `init` (`backend.compile_options('init')`).
     step_options: XLA options for compiling `step` (`backend.compile_options(name)`).
     modules: the Flax modules it trains, by role ('classifier'; 'generator', 'discriminator'; ...).
     schedule: the learning rate as a function of the step, when there is one to log.
+    start: `() -> variables` (host arrays) to begin a fresh run from, or None. Called once when
+      a run starts, never when it resumes from a checkpoint; the loop passes the result to
+      `init` as an argument (not a constant baked into the compiled program).
   """
 
   name: str
@@ -40,6 +45,7 @@ class Program:
   step_options: dict[str, Any] | None
   modules: dict[str, Any]
   schedule: Callable[[int], Any] | None = None
+  start: Callable[[], Any] | None = None
 
   def num_params(self) -> int:
     """Trainable parameters of the state (leaves of its `params` / `*_params` fields), without running init."""
