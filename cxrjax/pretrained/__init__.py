@@ -1,0 +1,1 @@
+"""Pretrained weights: converters from published checkpoints to cxrjax variables."""
