@@ -8,7 +8,8 @@ the Google weights expect), one warmup epoch and a cosine decay.
 
 Profiles:
   (none)  the study's setting: pretrained from torchvision's file, 299 px.
-  :cpu    the same at 96 px for a CPU: the network, not the study (pretrained still).
+  :cpu    the same at 96 px for a CPU: the network, not the study (pretrained still;
+          no auxiliary head, which needs 299 px).
   :smoke  no weights file: Inception-V3 from scratch at 80 px (its minimum is 75), a few
           steps, to exercise the pipeline; its numbers mean nothing, and it says so in its
           config (model.pretrained is '').
@@ -44,10 +45,12 @@ def get_config(arg=None):
   if profile == 'cpu':
     config.data.image_size = 96
     config.data.augment.crop_pad = 6
+    config.model.aux_logits = False  # the auxiliary head needs 299 px
   elif profile == 'smoke':
     config.model.pretrained = ''  # no weights file here: from scratch, to exercise the pipeline only
     config.data.image_size = 80
     config.data.augment.crop_pad = 4
+    config.model.aux_logits = False  # the auxiliary head needs 299 px
     config.num_epochs = 1
     config.optim.warmup_epochs = 0.0
   return config

@@ -501,6 +501,11 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   )
   _require(config.model.aux_loss_weight >= 0, 'model.aux_loss_weight', config.model.aux_loss_weight, '>= 0')
   _require(0 <= config.model.dropout_rate < 1, 'model.dropout_rate', config.model.dropout_rate, 'in [0, 1)')
+  if config.model.name == 'inception_v3':
+    # Inception-V3's valid convolutions and pools need 75 px (its auxiliary head 299 px: torchvision's sizes).
+    low = 299 if config.model.aux_logits else 75
+    _require(config.data.image_size >= low, 'data.image_size', config.data.image_size,
+             f'>= {low} for inception_v3' + (' with model.aux_logits' if config.model.aux_logits else ''))  # fmt: skip
   _require(not config.model.aux_logits or config.model.name == 'inception_v3', 'model.aux_logits',
            config.model.aux_logits, 'False (only inception_v3 has an auxiliary classifier)')  # fmt: skip
   _require(config.batch_size >= 1, 'batch_size', config.batch_size, '>= 1')

@@ -93,6 +93,9 @@ def _models(layers):
   z, y = normal(3, (2, 16)), jnp.array([0, 1], jnp.int32)
   lat, t = normal(4, (2, 8, 8, 4)), jnp.array([3, 7], jnp.int32)
   ae = autoencoder.KLAutoencoder(1, 4, base_channels=8, channel_mults=(1, 2), mid_attention=True, layers=layers)
+  # Full size (it has no width option) at the auxiliary head's minimum input: traced and lowered only.
+  x299 = normal(5, (2, 299, 299, 1))
+  incep = inception.inception_v3(2, aux_logits=True, input_norm='imagenet', rgb_input=True, layers=layers)
   return [
     ('resnet18_cifar', resnet.resnet18(2, width=8, layers=layers), (x28,), dict(train=True), dict(train=False)),
     ('resnet18_imagenet', resnet.resnet18(2, 8, 'imagenet', layers=layers), (x64,), {'train': True}, {'train': False}),
@@ -121,6 +124,7 @@ def _models(layers):
     ('discriminator_no_norm', dcgan.Discriminator(32, 1, 8, norm='none', layers=layers), (x32,), {}, {}),
     ('unet', unet.UNet(4, 2, 8, (1, 2), 1, (-1,), 2, dropout=0.1, layers=layers), (lat, t, y), {'train': True}, {}),
     ('autoencoder', ae, (x32,), {}, {}),
+    ('inception_v3', incep, (x299,), {'train': True}, {'train': False}),
   ]
 
 

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
+from cxrjax import config_lib
 from cxrjax.eval import gradcam
-from cxrjax.models import resnet
+from cxrjax.models import build_classifier, resnet
 
 from conftest import init_variables, normal
 
@@ -205,3 +206,18 @@ def test_cam_grid_writes_png(tmp_path, npz_path):
   assert [p.name for p in path.parent.iterdir()] == ['cams.png']  # no temporary file left behind
   with pytest.raises(ValueError):
     gradcam.cam_grid(images, {'gradcam': cams['gradcam'][:2]}, str(path))
+
+
+@pytest.mark.parametrize('name,size', [('inception_v3', 80), ('efficientnet_v2_s', 32)])
+def test_cam_on_the_pretrainable_classifiers(name, size):
+  # The classifiers a fine-tuning run trains expose their last feature map too: Grad-CAM explains
+  # them as it does ResNet-18 (maps at image size, each scaled to a maximum of 1, or all zero).
+  c = config_lib.base_config().model
+  c.name, c.width_mult, c.depth_mult = name, 0.25, 0.25
+  model = build_classifier(c, 2, (size, size, 1))
+  x = jax.random.uniform(jax.random.key(0), (2, size, size, 1), minval=-1, maxval=1)
+  variables = init_variables(model, jax.random.key(1), x, train=False)
+  cams = np.asarray(gradcam.make_cam_fn(model)(variables, x))
+  assert cams.shape == (2, size, size) and np.isfinite(cams).all()
+  assert all(np.isclose(m.max(), 1.0) or (m == 0).all() for m in cams)
+  assert cams.std() > 0

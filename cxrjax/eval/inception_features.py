@@ -13,8 +13,10 @@ Key mapping (module names are the same on both sides):
   `<module>.bn.weight`, `.bn.bias`      <->  params/<module>/bn/scale, bias
   `<module>.bn.running_mean`, `_var`    <->  batch_stats/<module>/bn/mean, var
 
-with `<module>` e.g. `Conv2d_1a_3x3` or `Mixed_5b.branch1x1`. Other keys of the
-file (`fc.*`, the 1008-way classifier, and `num_batches_tracked`) are not used.
+with `<module>` e.g. `Conv2d_1a_3x3` or `Mixed_5b.branch1x1`: the names and
+layouts of torchvision's Inception-V3, mapped by `cxrjax.pretrained.inception_v3`.
+Other keys of the file (`fc.*`, the 1008-way classifier, and
+`num_batches_tracked`) are not used.
 """
 
 from __future__ import annotations
@@ -30,34 +32,9 @@ from flax import traverse_util
 
 from cxrjax.errors import UserError
 from cxrjax.models import inception
+from cxrjax.pretrained import inception_v3 as weights
 
-# (collection, flax leaf) -> torch suffix, per BasicConv ('conv' or 'bn' submodule).
-_LEAVES = {
-  ('params', 'conv', 'kernel'): 'conv.weight',
-  ('params', 'bn', 'scale'): 'bn.weight',
-  ('params', 'bn', 'bias'): 'bn.bias',
-  ('batch_stats', 'bn', 'mean'): 'bn.running_mean',
-  ('batch_stats', 'bn', 'var'): 'bn.running_var',
-}
 _EXPECTED = "pytorch-fid's FID Inception-V3 state_dict (pt_inception-2015-12-05-6726825d.pth)"
-
-
-def _torch_key(path: tuple[str, ...]) -> str:
-  """('params', 'Mixed_5b', 'branch1x1', 'conv', 'kernel') -> 'Mixed_5b.branch1x1.conv.weight'."""
-  collection, *modules, sub, leaf = path
-  return '.'.join([*modules, _LEAVES[(collection, sub, leaf)]])
-
-
-def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-  return np.transpose(value, (3, 2, 0, 1)) if path[-1] == 'kernel' else value  # HWIO -> OIHW
-
-
-def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-  return np.transpose(value, (2, 3, 1, 0)) if path[-1] == 'kernel' else value  # OIHW -> HWIO
-
-
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(shape[i] for i in (3, 2, 0, 1)) if path[-1] == 'kernel' else tuple(shape)
 
 
 @functools.lru_cache(maxsize=2)
@@ -65,13 +42,13 @@ def _abstract(model: inception.InceptionV3) -> dict[tuple[str, ...], jax.ShapeDt
   """Flattened variable shapes of `model`, without computing anything."""
   size = inception.INPUT_SIZE
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-  return traverse_util.flatten_dict(dict(shapes))
+  return traverse_util.flatten_dict({k: shapes[k] for k in ('params', 'batch_stats')})
 
 
 def to_torch_state_dict(variables) -> dict[str, np.ndarray]:
   """Flax variables of `InceptionV3` -> pytorch-fid state_dict arrays (the inverse of the loader)."""
   flat = traverse_util.flatten_dict({k: variables[k] for k in ('params', 'batch_stats')})
-  return {_torch_key(path): _to_torch_layout(path, np.asarray(v)) for path, v in flat.items()}
+  return {weights.torch_key(path): weights.to_torch_layout(np.asarray(v)) for path, v in flat.items()}
 
 
 def from_torch_state_dict(state: dict[str, Any], source: str = 'state_dict') -> dict[str, Any]:
@@ -94,16 +71,13 @@ def from_torch_state_dict(state: dict[str, Any], source: str = 'state_dict') -> 
     raise UserError(f"{source}: looks like torchvision's ImageNet Inception-V3, not {_EXPECTED}")
   flat = {}
   for path, spec in _abstract(inception.InceptionV3()).items():
-    key = _torch_key(path)
+    key, shape = weights.torch_key(path), weights.torch_shape(spec.shape)
     if key not in state:
       raise UserError(f'{source}: missing key {key!r}; expected {_EXPECTED}')
     value = np.asarray(state[key], dtype=np.float32)
-    if value.shape != _torch_shape(path, spec.shape):
-      raise UserError(
-        f'{source}: key {key!r} has shape {value.shape}, expected {_torch_shape(path, spec.shape)}; expected {_EXPECTED}'
-      )
-    value = _to_flax_layout(path, value)
-    flat[path] = jnp.asarray(value)
+    if value.shape != shape:
+      raise UserError(f'{source}: key {key!r} has shape {value.shape}, expected {shape}; expected {_EXPECTED}')
+    flat[path] = jnp.asarray(weights.to_flax_layout(value))
   return traverse_util.unflatten_dict(flat)
 
 

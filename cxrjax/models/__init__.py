@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from cxrjax.models import efficientnet_v2, resnet
+from cxrjax.models import efficientnet_v2, inception, resnet
 from cxrjax.models.layers import STOCK, Layers
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -60,10 +60,23 @@ def _efficientnet_v2(variant: str):
   return build
 
 
+def _inception_v3(model_config, num_classes: int, image_shape, layers: Layers):
+  # torchvision's layout; inputs smaller than 75x75 (299x299 with aux_logits) are refused at init.
+  return inception.inception_v3(
+    num_classes,
+    aux_logits=model_config.get('aux_logits', False),
+    dropout_rate=model_config.get('dropout_rate', 0.5),
+    dtype=DTYPES[model_config.dtype],
+    layers=layers,
+    **input_path(model_config),
+  )
+
+
 CLASSIFIERS = {
   'resnet18': _resnet18,
   'efficientnet_v2_b0': _efficientnet_v2('b0'),
   'efficientnet_v2_s': _efficientnet_v2('s'),
+  'inception_v3': _inception_v3,
 }
 
 

@@ -37,13 +37,13 @@ import numpy as np
 from absl import logging
 
 from cxrjax.errors import UserError
-from cxrjax.pretrained import efficientnet_v2, files, merge, resnet, sources
+from cxrjax.pretrained import efficientnet_v2, files, inception_v3, merge, resnet, sources
 
 # config.model.name -> converter of torchvision-named state_dicts into that model.
 CONVERTERS = {
   'resnet18': resnet,
   'efficientnet_v2_s': efficientnet_v2,
-  # 'inception_v3': inception_v3,  # cxrjax/pretrained/inception_v3.py (torch_to_flax, HEAD), added at merge
+  'inception_v3': inception_v3,
 }
 
 
@@ -106,7 +106,7 @@ def load_pretrained(
   """The model's initialised variables with pretrained ones put in.
 
   Args:
-    model_name: `config.model.name` ('resnet18', 'efficientnet_v2_s'; any classifier for
+    model_name: `config.model.name` ('resnet18', 'efficientnet_v2_s', 'inception_v3'; any classifier for
       an export folder).
     template: the model's freshly initialised variables, {'params': ..., 'batch_stats':
       ...}, for any number of classes.
