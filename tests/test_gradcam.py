@@ -217,6 +217,11 @@ def test_cam_on_the_pretrainable_classifiers(name, size):
   model = build_classifier(c, 2, (size, size, 1))
   x = jax.random.uniform(jax.random.key(0), (2, size, size, 1), minval=-1, maxval=1)
   variables = init_variables(model, jax.random.key(1), x, train=False)
+  # Running statistics of these images (fresh ones are 0 / 1, which blows Inception-V3's activations up).
+  _, stats = jax.jit(
+    lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)})
+  )(variables, x)
+  variables = {'params': variables['params'], **stats}
   cams = np.asarray(gradcam.make_cam_fn(model)(variables, x))
   assert cams.shape == (2, size, size) and np.isfinite(cams).all()
   assert all(np.isclose(m.max(), 1.0) or (m == 0).all() for m in cams)
