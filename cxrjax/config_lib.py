@@ -56,7 +56,11 @@ OPTIONAL_KEYS = {
   'model.dropout_rate': 0.5,
   'optim.backbone_lr_mult': 1.0,
   'optim.freeze_backbone_epochs': 0.0,
+  'data.split_dirs': '',
+  'data.test_prevalence': '',
 }
+
+SPLIT_KEYS = ('train', 'val', 'test')
 
 KERNELS = ('auto', 'stock', 'cpu')  # config.kernels: see cxrjax.backends
 LEGACY_CONVOLUTION = {'auto': 'auto', 'cpu': 'onednn', 'stock': 'xla'}
@@ -101,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.class_names = ''  # comma-separated; default: folder names, or from the npz name
   c.data.val_fraction = 0.1  # carved from train (grouped by patient) if no val split
   c.data.test_fraction = 0.2  # carved from all images if a folder tree has no split folders
+  # Folders: which top-level folders are the splits, e.g. 'train=Training,val=Validation,test=Testing';
+  # '' recognises them by name (train/training, val/valid/validation/dev, test/testing, any case).
+  c.data.split_dirs = ''
+  # The test split's class mix, e.g. '1,1' (subsampled, never upsampled; seeded by the data seed); '' = as found.
+  c.data.test_prevalence = ''
   c.data.group_regex = r'(person\d+|IM-\d+)'  # patient id in file names
   c.data.on_bad_image = 'error'  # or 'skip': count unreadable images and go on
   c.data.tfds_name = 'cxrjax_pneumonia_mnist'
@@ -378,13 +387,51 @@ def generator_hash(config: ml_collections.ConfigDict) -> str:
   for key in SYNTHESIS_ONLY:
     section, leaf = key.split('.')
     d.get(section, {}).pop(leaf, None)
-  for key in ('data.num_workers', 'data.num_threads', 'data.prefetch', 'data.cache_dir', 'data.limit_eval'):
-    d['data'].pop(key.split('.')[1], None)
+  # The generator sees the training split only: test-side keys leave its hash alone.
+  for key in ('num_workers', 'num_threads', 'prefetch', 'cache_dir', 'limit_eval', 'test_prevalence'):
+    d['data'].pop(key, None)
+  for key, absent in OPTIONAL_KEYS.items():  # keys added since, at their "as before" value
+    section, leaf = key.split('.')
+    if section == 'data' and d['data'].get(leaf, absent) == absent:
+      d['data'].pop(leaf, None)
   keep = dict(
     trainer=d['trainer'], data=d['data'], imbalance=d['imbalance'], model_dtype=d['model']['dtype'],
     generator=d.get(d['trainer'], {}), seed=generator_seed(config), data_seed=data_seed(config), mesh=d['mesh'],
   )  # fmt: skip
   return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_split_dirs(spec: str) -> dict[str, str]:
+  """`data.split_dirs`: 'train=Training,val=Validation,test=Testing' -> {'train': 'Training', ...}; '' -> {}.
+
+  Folder names are relative to `data.path` ('/' allowed); train and test are required, val optional.
+  """
+  out: dict[str, str] = {}
+  expected = "'train=FOLDER,test=FOLDER' (val=FOLDER optional), folders relative to data.path"
+  for part in [p.strip() for p in spec.split(',') if p.strip()]:
+    key, sep, folder = (x.strip() for x in part.partition('='))
+    if not sep or key not in SPLIT_KEYS or not folder or folder.startswith('/') or key in out:
+      raise UserError(f'config.data.split_dirs={spec!r}: expected {expected}')
+    out[key] = folder.rstrip('/')
+  if len(set(out.values())) < len(out):
+    raise UserError(f'config.data.split_dirs={spec!r}: names one folder for two splits; expected a folder per split')
+  if out and not {'train', 'test'} <= set(out):
+    raise UserError(f'config.data.split_dirs={spec!r}: names no {"train" if "train" not in out else "test"} folder;'
+                    f' expected {expected}')  # fmt: skip
+  return out
+
+
+def parse_prevalence(spec: str) -> list[float]:
+  """`data.test_prevalence`: '1,1' or '0.5,0.5' -> [1.0, 1.0] / [0.5, 0.5] (one positive weight per class); '' -> []."""
+  if not spec.strip():
+    return []
+  try:
+    values = [float(x) for x in spec.split(',')]
+  except ValueError:
+    values = []
+  if len(values) < 2 or not all(0 < v < float('inf') for v in values):
+    raise UserError(f'config.data.test_prevalence={spec!r}: expected one positive number per class, e.g. 1,1')
+  return values
 
 
 def _require(cond: bool, key: str, value: Any, expected: str) -> None:
@@ -441,6 +488,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(d.num_workers >= 0, 'data.num_workers', d.num_workers, '>= 0')
   _require(d.num_threads >= 1, 'data.num_threads', d.num_threads, '>= 1')
   _require(d.positive_class >= 0, 'data.positive_class', d.positive_class, '>= 0')
+  parse_split_dirs(d.split_dirs)
+  prevalence = parse_prevalence(d.test_prevalence)
+  _require(not prevalence or not d.num_classes or len(prevalence) == d.num_classes, 'data.test_prevalence',
+           d.test_prevalence, f'{d.num_classes} values (data.num_classes={d.num_classes})')  # fmt: skip
   a = d.augment
   _require(0 <= a.crop_pad <= d.image_size // 4, 'data.augment.crop_pad', a.crop_pad, f'in [0, {d.image_size // 4}]')
   _one_of(config, 'data.augment.pad_mode', ('edge', 'zero'))

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cxrjax.backends.cpu import process
 
@@ -138,6 +139,17 @@ def _corrupt_tree(tmp_path, chest_xray):
   return root, victim.name
 
 
+def _ambiguous_tree(tmp_path):
+  """root/{part1,part2}/<class>/*.png: split folders under names that are not recognised."""
+  root = tmp_path / 'ambiguous'
+  for split in ('part1', 'part2'):
+    for cls in ('glioma', 'notumor'):
+      (root / split / cls).mkdir(parents=True)
+      for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / split / cls / f'{i}.png')
+  return root
+
+
 BAD_INPUTS = {
   'missing path': (lambda tmp, cx: ['--config.data.path=/no/such/file.npz'], "'/no/such/file.npz': no such file"),
   'npz without key': (
@@ -160,6 +172,10 @@ BAD_INPUTS = {
   'corrupt jpeg': (
     lambda tmp, cx: [f'--config.data.path={_corrupt_tree(tmp, cx)[0]}', f'--config.data.cache_dir={tmp / "c"}'],
     'unreadable image',
+  ),
+  'ambiguous folder tree': (
+    lambda tmp, cx: [f'--config.data.path={_ambiguous_tree(tmp)}', f'--config.data.cache_dir={tmp / "c"}'],
+    "holds the same ones: if those are splits, say which is which with data.split_dirs='train=part1,test=part2'",
   ),
   'unknown config key': (
     lambda tmp, cx: ['--config.data.pth=x'],

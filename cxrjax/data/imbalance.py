@@ -2,14 +2,16 @@
 
 The poster's protocol keeps the majority class whole and drops minority
 (pneumonia) images until majority:minority = `ratio` (3:1). Validation and test
-splits are never touched. All sampling is seeded from the one config seed.
+splits are never touched by it; only `data.test_prevalence` subsamples the test
+split, to an evaluation class mix the user asks for (`apply_test_prevalence`).
+All sampling is seeded from the one config seed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cxrjax import seeding
+from cxrjax import config_lib, seeding
 from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 
@@ -132,4 +134,66 @@ def apply_class_ratios(train: Split, num_classes: int, spec: str, seed: int):
     note=note,
     minority_class=int(np.argmin(after)),
     ratio=float(n_max / max(min(after), 1)),
+  )
+
+
+def apply_test_prevalence(test: Split, class_names, spec: str, seed: int):
+  """Subsamples the test split to the class mix `spec` ('1,1', '0.5,0.5', '1,3'), keeping as many images as it can.
+
+  Images are only dropped, never repeated: with n_c test images of class c and the mix p_c
+  (the weights normalised), the kept total is N = floor(min_c n_c / p_c) and class c keeps
+  round(N p_c) <= n_c images, drawn from the data seed's own 'test_prevalence' stream so that
+  no other draw changes. Some papers evaluate on a more balanced test set than the one
+  distributed; this reproduces their mix, and the record says so.
+
+  Args:
+    test: the test split.
+    class_names: the dataset's class names (one weight each).
+    spec: `data.test_prevalence`, comma-separated positive weights.
+    seed: the data seed.
+
+  Returns:
+    (subsampled split, report dict: spec, mix, counts before and after, note).
+
+  Raises:
+    UserError: a weight count other than the number of classes, or a class left without test images.
+  """
+  k = len(class_names)
+  weights = config_lib.parse_prevalence(spec)
+  if len(weights) != k:
+    raise UserError(
+      f'config.data.test_prevalence={spec!r}: {len(weights)} values but the data has {k} classes ({", ".join(class_names)})'
+    )
+  before = test.class_counts(k)
+  for c, n in enumerate(before):
+    if n == 0:
+      raise UserError(
+        f'config.data.test_prevalence={spec!r}: the test split has no images of class {class_names[c]!r};'
+        " expected some of every class (or data.test_prevalence='')"
+      )
+  mix = np.asarray(weights) / sum(weights)
+  total = int(np.floor(min(n / p for n, p in zip(before, mix)) * (1 + 1e-12)))
+  target = [min(n, int(np.floor(total * p + 0.5))) for n, p in zip(before, mix)]
+  for c, n in enumerate(target):
+    if n == 0:
+      raise UserError(
+        f'config.data.test_prevalence={spec!r} leaves class {class_names[c]!r} with no test images (test counts'
+        f' {before}); expected a mix the test split can give'
+      )
+  rng = seeding.numpy_rng(seed, 'test_prevalence')
+  keep = []
+  for c in range(k):
+    idx = np.flatnonzero(test.labels == c)
+    keep.append(rng.choice(idx, size=target[c], replace=False) if target[c] < len(idx) else idx)
+  out = test.take(np.sort(np.concatenate(keep)))
+  after = out.class_counts(k)
+  ratio = ':'.join(f'{w:g}' for w in weights)
+  return out, dict(
+    spec=spec,
+    mix=[float(p) for p in mix],
+    counts_before=before,
+    counts_after=after,
+    seed=seed,
+    note=f'test subsampled to {ratio} (data.test_prevalence) from {before} to {after}: metrics are for this mix,'
+    ' not the test split as distributed',
   )

@@ -2,7 +2,8 @@
 
 `load_dataset(data_config, seed)` returns a `Dataset` with train/val/test splits
 at `data.image_size` and `data.channels`, and a `source` record describing what
-was read (kind, path, checksum, resizing, carved splits, skipped files). With
+was read (kind, path, checksum, resizing, how a folder tree was read and what
+was carved from it, skipped files). With
 `data.source='auto'` real data is used when reachable and the phantom only as
 a loudly announced fallback.
 """
@@ -10,6 +11,7 @@ a loudly announced fallback.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from cxrjax import fileio
+from cxrjax import config_lib, fileio
 from cxrjax.data import images as image_lib
 from cxrjax.data import phantom
 from cxrjax.data.dataset import SPLITS, Dataset, Split, check_labels
@@ -29,6 +31,14 @@ from cxrjax.errors import UserError
 DATA_DIR_ENV = 'CXRJAX_DATA_DIR'
 MEDMNIST_SIZES = (28, 64, 128, 224)
 PNEUMONIA_CLASSES = ('normal', 'pneumonia')
+# Folder names that mean a split, compared in lower case without separators and without a
+# trailing 'set' or 'data': Training, TRAIN, train_set, Valid, Validation, dev, Test-Data, ...
+SPLIT_NAMES = {
+  'train': ('train', 'training'),
+  'val': ('val', 'valid', 'validation', 'dev'),
+  'test': ('test', 'testing'),
+}
+SKIPPED_FOLDERS = ('__MACOSX',)  # resource forks that macOS adds to zip archives: never a split or a class
 
 
 def _md5(path: str) -> str:
@@ -145,7 +155,254 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-  return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  return sorted(
+    p for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.') and p.name not in SKIPPED_FOLDERS
+  )
+
+
+def _images_here(folder: Path) -> tuple[list[Path], int]:
+  """The image files directly in `folder` (sorted), and how many other files are there."""
+  files, other = [], 0
+  for p in sorted(folder.iterdir()):
+    if p.is_file() and not p.name.startswith('.'):
+      if p.suffix.lower() in image_lib.IMAGE_EXTENSIONS:
+        files.append(p)
+      else:
+        other += 1
+  return files, other
+
+
+def split_meaning(name: str) -> str | None:
+  """'train', 'val' or 'test' when a folder name means that split (see SPLIT_NAMES), else None."""
+  key = re.sub(r'[\s_.-]+', '', name.lower())
+  for suffix in ('set', 'data'):
+    if key.endswith(suffix) and len(key) > len(suffix):
+      key = key[: -len(suffix)]
+      break
+  return next((split for split, names in SPLIT_NAMES.items() if key in names), None)
+
+
+@dataclasses.dataclass
+class Tree:
+  """How a folder tree is read: which folders are the splits and classes, and their images.
+
+  `splits` maps 'train', 'val', 'test' to split folders, or 'all' to the one folder of class
+  folders when the tree has no split folders (val and test are then carved out).
+  """
+
+  root: Path  # data.path
+  base: Path  # the folder holding the split or class folders: root, or the folder inside a wrapper
+  splits: dict[str, Path]
+  folders: list[str]  # class folder names, sorted: the same in every split
+  files: dict[str, dict[str, list[Path]]]  # split -> class folder -> its images, sorted
+  ignored: int  # files that are not images
+  named_by: str  # 'name' (recognised split names), 'data.split_dirs', or '' (no split folders)
+  wrapper: str  # the single folder(s) descended into, relative to root; '' when none
+  notes: list[str]
+
+  def split_dirs(self) -> dict[str, str]:
+    """Split -> folder relative to data.path (what `data.split_dirs` would name); {} without split folders."""
+    if 'all' in self.splits:
+      return {}
+    return {s: self.splits[s].relative_to(self.root).as_posix() for s in SPLITS if s in self.splits}
+
+  def describe(self, carved: list[str]) -> str:
+    """How the tree was read, in words: the folders used as splits, and what was carved from what."""
+    if self.split_dirs():
+      how = 'split folders ' + ', '.join(f'{s}={d}' for s, d in self.split_dirs().items())
+      how += ' (data.split_dirs)' if self.named_by == 'data.split_dirs' else ''
+    else:
+      how = 'class folders (no split folders)'
+    if self.wrapper:
+      how = f'inside {self.wrapper!r}, the only folder in data.path: {how}'
+    return '; '.join([how, *carved])
+
+
+def _unwrap(root: Path) -> tuple[Path, list[str]]:
+  """Descends while a folder holds exactly one folder (not a split), no images, and that folder holds folders.
+
+  Archives often unpack to `name/Training/...` or `name/name/train/...`: the wrapper is
+  skipped, and said in the layout. A single folder of images stays put (one class is an error).
+  """
+  base, wrappers = root, []
+  while True:
+    subs = _subdirs(base)
+    if len(subs) != 1 or split_meaning(subs[0].name) or _images_here(base)[0] or not _subdirs(subs[0]):
+      return base, wrappers
+    base = subs[0]
+    wrappers.append(base.name)
+
+
+def _suggest_split_dirs(folders: list[str], prefix: str = '') -> str:
+  """A `data.split_dirs` value for `folders`: by their names' meaning, else in order (train first, then test)."""
+  pairs = []
+  for i, name in enumerate(folders):
+    meaning = split_meaning(name) or ('train', 'test', 'val')[min(i, 2)]
+    pairs.append((meaning, f'{prefix}{name}'))
+  pairs.sort(key=lambda p: SPLITS.index(p[0]))
+  return "data.split_dirs='" + ','.join(f'{s}={f}' for s, f in pairs) + "'"
+
+
+def _nested_refusal(tree: Tree, split: str, folder: Path, nested: dict[str, list[str]]) -> str:
+  """The one-line refusal of a tree whose class folders hold image folders, with the likely remedy."""
+  cname, subs = next(iter(nested.items()))
+  shown = ', '.join(subs[:4]) + (', ...' if len(subs) > 4 else '')
+  where = f'{folder / cname}: class folder holds image folders ({shown}) instead of images'
+  classes = [c.name for c in _subdirs(folder)]
+  if any(split_meaning(s) for s in subs):
+    return f'{where}; cxrjax reads <split>/<class>/ trees: arrange the images as {folder}/<split>/<class>/*.png'
+  same = len({tuple(v) for v in nested.values()}) == 1
+  if split == 'all' and len(classes) >= 2 and len(nested) == len(classes) and same:
+    rel = tree.base.relative_to(tree.root).as_posix()
+    prefix = '' if rel == '.' else f'{rel}/'
+    return (
+      f'{where}, and every folder of {folder} ({", ".join(classes)}) holds the same ones: if those are splits, say'
+      f' which is which with {_suggest_split_dirs(classes, prefix)}; if they are the classes, move their images'
+      ' up out of the subfolders'
+    )
+  if split == 'all':
+    return (
+      f'{where}; expected images directly in each class folder ({folder}/<class>/*.png, subfolders are not'
+      ' read): point data.path at the folder whose subfolders are the classes, or flatten the class folders'
+    )
+  rels = [f'{s}={(d / cname).relative_to(tree.root).as_posix()}' for s, d in tree.splits.items()]
+  return (
+    f'{where}; expected {folder}/<class>/*.png: if the classes are one level down, name the folders that hold'
+    f" them with data.split_dirs (e.g. '{','.join(rels)}')"
+  )
+
+
+def read_tree(root: str, split_dirs: str = '') -> Tree:
+  """Reads a class-per-folder tree's structure: split folders, class folders, image files.
+
+  Split folders are recognised by name (SPLIT_NAMES, any case) at the top of the tree, or
+  named by `split_dirs` ('train=Training,test=Testing'; val optional). Without split folders
+  every top-level folder is a class. A single wrapper folder is descended into. Anything
+  that could be read more than one way is refused with one line saying what was found and
+  what to pass: image folders inside class folders, class folders named like splits, split
+  folders with different class folders, empty class folders, several folders for one split,
+  folders beside the split folders, a train folder without a test folder.
+
+  Raises:
+    UserError: naming the folder, what was found and the remedy (data.path or data.split_dirs).
+  """
+  rootp = Path(root)
+  named = config_lib.parse_split_dirs(split_dirs)
+  notes: list[str] = []
+  if named:
+    base, wrappers = rootp, []
+    if not all((base / f).is_dir() for f in named.values()):
+      base, wrappers = _unwrap(rootp)
+    for f in named.values():
+      if not (base / f).is_dir():
+        found = [p.name for p in _subdirs(rootp)]
+        raise UserError(
+          f'config.data.split_dirs={split_dirs!r}: {rootp} has no folder {f!r} (its folders: {found}); expected'
+          ' folder names relative to data.path'
+        )
+    splits = {s: base / named[s] for s in SPLITS if s in named}
+    top = {p.relative_to(base).parts[0] for p in splits.values()}
+    unused = [p.name for p in _subdirs(base) if p.name not in top]
+    if unused:
+      notes.append(f'folders not named in data.split_dirs left out: {unused}')
+    named_by = 'data.split_dirs'
+  else:
+    base, wrappers = _unwrap(rootp)
+    subs = _subdirs(base)
+    by_meaning: dict[str, list[Path]] = {}
+    for p in subs:
+      if split_meaning(p.name):
+        by_meaning.setdefault(split_meaning(p.name), []).append(p)
+    if by_meaning:
+      found = [p.name for ps in by_meaning.values() for p in ps]
+      for split, ps in by_meaning.items():
+        if len(ps) > 1:
+          raise UserError(
+            f'{base}: folders {[p.name for p in ps]} all look like the {split} split; say which to read with'
+            f" data.split_dirs='train=FOLDER,test=FOLDER' (val=FOLDER optional)"
+          )
+      others = [p.name for p in subs if not split_meaning(p.name)]
+      if 'train' not in by_meaning:
+        raise UserError(
+          f'{base}: found split folder(s) {found} but no train folder (train or training, any case); name the'
+          f" splits with data.split_dirs='train=FOLDER,test=FOLDER', or point data.path at a folder of class folders"
+        )
+      train_name = by_meaning['train'][0].name
+      if 'test' not in by_meaning:
+        raise UserError(
+          f'{base}: has a {train_name}/ split folder but no test folder (test or testing, any case); add one, name'
+          f" it with data.split_dirs='train={train_name},test=FOLDER', or point data.path at"
+          f' {base / train_name} to carve test and val out of it'
+        )
+      if others:
+        raise UserError(
+          f'{base}: besides the split folders {found} there are folders {others} that are not splits; read only the'
+          f' split folders with {_suggest_split_dirs(found)}, or move the others out'
+        )
+      splits = {s: by_meaning[s][0] for s in SPLITS if s in by_meaning}
+      named_by = 'name'
+    else:
+      splits = {'all': base}
+      named_by = ''
+  tree = Tree(rootp, base, splits, [], {}, 0, named_by, '/'.join(wrappers), notes)
+
+  classes = {split: [c.name for c in _subdirs(d)] for split, d in splits.items()}
+  for split, names in classes.items():
+    split_like = [n for n in names if split_meaning(n)]
+    if split_like:
+      d = splits[split]
+      rel = d.relative_to(rootp).as_posix()
+      prefix = '' if rel == '.' else f'{rel}/'
+      raise UserError(
+        f'{d}: class folders {split_like} look like split folders, not classes; name the splits with'
+        f' {_suggest_split_dirs(split_like, prefix)} or point data.path at {d}'
+      )
+  for split, d in splits.items():
+    tree.files[split] = {}
+    nested = {}
+    for c in _subdirs(d):
+      files, other = _images_here(c)
+      tree.ignored += other
+      for sub in _subdirs(c):
+        images, other = _list_images(sub)
+        if images:
+          nested.setdefault(c.name, []).append(sub.name)
+        else:
+          tree.ignored += other
+      tree.files[split][c.name] = files
+    if nested:
+      raise UserError(_nested_refusal(tree, split, d, nested))
+    loose, _ = _images_here(d)
+    if loose:
+      notes.append(f'left out {len(loose)} image(s) outside the class folders of {d}, e.g. {loose[0].name}')
+  if 'all' not in splits:
+    train_set = set(classes['train'])
+    for split in ('val', 'test'):
+      if split in splits and set(classes[split]) != train_set:
+        extra, missing = sorted(set(classes[split]) - train_set), sorted(train_set - set(classes[split]))
+        diff = []
+        if extra:
+          diff.append(f'only in {split}: {extra}')
+        if missing:
+          diff.append(f'only in train: {missing}')
+        raise UserError(
+          f"{splits[split]}: {split} class folders {sorted(classes[split])} differ from train's"
+          f' {sorted(train_set)} in {splits["train"]} ({"; ".join(diff)}); expected the same class folders in every split'
+        )
+  tree.folders = sorted({c for names in classes.values() for c in names})
+  if len(tree.folders) < 2:
+    raise UserError(
+      f'{base}: found {len(tree.folders)} class folder(s) {tree.folders}; expected at least 2'
+      ' (layout root/<class>/*.png or root/{train,test}/<class>/*.png)'
+    )
+  for split, per_class in tree.files.items():
+    for c, files in per_class.items():
+      if not files:
+        raise UserError(
+          f'{splits[split] / c}: class {c!r} has no images; expected image files'
+          f' ({", ".join(image_lib.IMAGE_EXTENSIONS)}) in every class folder'
+        )
+  return tree
 
 
 def _decode_all(files: list[Path], size: int, channels: int, on_bad_image: str, threads: int):
@@ -185,47 +442,37 @@ def load_folder(
   cache_dir: str = '',
   threads: int = 4,
   subclasses: str = '',
+  split_dirs: str = '',
 ) -> Dataset:
   """A class-per-folder tree, with or without split folders.
 
-  Layouts: `root/{train,val,test}/<class>/...` (val optional) or
-  `root/<class>/...` (val and test carved out, grouped by patient). Class names
-  are the folder names, sorted; images of any size and mode are squashed to
-  `size` x `size` with `channels` channels. Decoded arrays are cached.
+  Layouts (see `read_tree`): `root/<split>/<class>/...` with split folders
+  recognised by name (train/training, val/valid/validation/dev, test/testing, any
+  case; val optional and carved from train when absent) or named by `split_dirs`;
+  or `root/<class>/...` (val and test carved out, grouped by patient). A single
+  wrapper folder around either is descended into. Class names are the folder
+  names, sorted; images of any size and mode are squashed to `size` x `size`
+  with `channels` channels. Decoded arrays are cached. The source record says how
+  the tree was read (`layout`, `split_dirs`).
 
   `subclasses` splits a folder's images into classes by a substring of the file
   name, e.g. 'PNEUMONIA:bacteria=bacterial|virus=viral' turns Kermany's
   NORMAL/PNEUMONIA into NORMAL/bacterial/viral (folders separated by ';').
   """
   rootp = Path(root)
-  top = {p.name.lower(): p for p in _subdirs(rootp)}
-  split_dirs = {s: top[s] for s in SPLITS if s in top}
-  if 'train' in split_dirs:
-    layout = 'split-folders'
-  else:
-    layout = 'class-folders'
-    split_dirs = {'all': rootp}
-  class_names = sorted({c.name for d in split_dirs.values() for c in _subdirs(d)})
-  if len(class_names) < 2:
-    raise UserError(
-      f'{root}: found {len(class_names)} class folder(s) {class_names}; expected at least 2'
-      ' (layout root/<class>/*.png or root/{train,test}/<class>/*.png)'
-    )
+  tree = read_tree(root, split_dirs)
   rules = parse_subclasses(subclasses)
   for folder in rules:
-    if folder not in class_names:
-      raise UserError(f'data.subclasses names folder {folder!r}; {root} has class folders {class_names}')
-  folders = class_names
+    if folder not in tree.folders:
+      raise UserError(f'data.subclasses names folder {folder!r}; {root} has class folders {tree.folders}')
+  folders = tree.folders
   class_names = [n for c in folders for n in ([name for _, name in rules[c]] if c in rules else [c])]
   index = {n: i for i, n in enumerate(class_names)}
-  per_split_files, ignored = {}, 0
-  for split, d in split_dirs.items():
+  per_split_files, ignored = {}, tree.ignored
+  for split, per_class in tree.files.items():
     entries = []
     for cname in folders:
-      cdir = d / cname
-      files, ign = _list_images(cdir) if cdir.is_dir() else ([], 0)
-      ignored += ign
-      for f in files:
+      for f in per_class[cname]:
         if cname in rules:
           match = [name for sub, name in rules[cname] if sub.lower() in f.name.lower()]
           if not match:
@@ -240,10 +487,10 @@ def load_folder(
   train_key = 'train' if 'train' in per_split_files else 'all'
   counts = np.bincount([k for _, k in per_split_files[train_key]], minlength=len(class_names))
   for k, n in enumerate(counts):
-    if n == 0:
+    if n == 0:  # every class folder has images (read_tree): a data.subclasses class matched none
       raise UserError(
-        f'{split_dirs[train_key] / class_names[k]}: class {class_names[k]!r} has no images in the'
-        f' training data; expected image files ({", ".join(image_lib.IMAGE_EXTENSIONS)})'
+        f'data.subclasses={subclasses!r}: class {class_names[k]!r} matches no file name in the training data'
+        f' ({tree.splits[train_key]}); expected some of every class'
       )
 
   # Decoding thousands of JPEGs takes a while: cache the arrays, keyed on the
@@ -301,21 +548,19 @@ def load_folder(
   splits = {}
   for split, (arr, labels, names) in decoded.items():
     splits[split] = Split(arr, labels.astype(np.int32), groups_for(names, labels), names)
-  notes = []
-  if layout == 'class-folders':
+  carved, notes = [], list(tree.notes)
+  if 'all' in splits:
     all_split = splits.pop('all')
     test_idx, rest_idx = grouped_split(all_split.labels, all_split.groups, test_fraction, seed, salt=1)
     splits['test'] = all_split.take(test_idx)
     splits['train'] = all_split.take(rest_idx)
-    notes.append(f'test carved from all images ({test_fraction:.0%}, grouped by patient)')
+    carved.append(f'test carved from all images ({test_fraction:.0%}, grouped by patient)')
   if 'val' not in splits or len(splits['val']) == 0:
     train = splits['train']
     val_idx, train_idx = grouped_split(train.labels, train.groups, val_fraction, seed, salt=2)
     splits['val'] = train.take(val_idx)
     splits['train'] = train.take(train_idx)
-    notes.append(f'val carved from train ({val_fraction:.0%}, grouped by patient)')
-  if 'test' not in splits:
-    raise UserError(f'{root}: has train/ but no test/ folder; expected root/{{train,test}}/<class>/')
+    carved.append(f'val carved from train ({val_fraction:.0%}, grouped by patient)')
   for split in SPLITS:
     c = splits[split].class_counts(len(class_names))
     for k, n in enumerate(c):
@@ -325,15 +570,19 @@ def load_folder(
     notes.append(f'skipped {len(bad)} unreadable image(s), e.g. {bad[0]}')
   if ignored:
     notes.append(f'ignored {ignored} non-image file(s)')
+  layout = tree.describe(carved)
   source = dict(
     kind='folder',
     path=os.path.abspath(root),
     phantom=False,
     layout=layout,
+    split_dirs=tree.split_dirs(),
+    split_dirs_from=tree.named_by or 'none: no split folders',
+    tree=os.path.abspath(tree.base),
     cache=cache_path if cached else '',
     skipped_images=len(bad),
     notes=notes,
-    description=f'folder {os.path.abspath(root)} ({layout}, {size}x{size})'
+    description=f'folder {os.path.abspath(root)} ({size}x{size}): {layout}'
     + ('; ' + '; '.join(notes) if notes else ''),
   )
   return Dataset(splits, tuple(class_names), source)
@@ -415,6 +664,7 @@ def load_dataset(data, seed: int) -> Dataset:
     cache_dir=data.cache_dir,
     threads=max(data.num_threads, 4),
     subclasses=data.subclasses,
+    split_dirs=data.split_dirs,
   )
   source = data.source
 

@@ -103,6 +103,8 @@ def data_section(data: dict) -> list[str]:
   ]
   if data['source'].get('fallback'):
     lines.append(f'- **Fallback:** {data["source"]["fallback"]}')
+  if data.get('test_prevalence'):
+    lines.append(f'- **Test set subsampled:** {data["test_prevalence"]["note"]}')
   imb = data['imbalance']
   lines.append(
     f'- Imbalance protocol: minority class {imb["minority_class"]} ({names[imb["minority_class"]] if imb["minority_class"] < len(names) else "?"}),'
@@ -118,6 +120,8 @@ def data_section(data: dict) -> list[str]:
   loaded = data.get('counts_loaded') or {}
   rows = [('train (loaded)', loaded.get('train')), ('train (imbalanced)', counts['train_imbalanced']),
           ('train (per epoch, as trained)', counts['trained_on']), ('val', counts['val']), ('test', counts['test'])]  # fmt: skip
+  if data.get('test_prevalence'):
+    rows.insert(-1, ('test (as found)', data['test_prevalence']['counts_before']))
   for label, c in rows:
     if c is not None:
       lines.append(f'| {label} | ' + ' | '.join(str(v) for v in c) + f' | {sum(c)} |')

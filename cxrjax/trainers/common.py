@@ -36,6 +36,7 @@ class PreparedData:
   training_set: rebalance.TrainingSet
   imbalance_report: dict[str, Any]
   leakage: dict[str, Any]
+  test_prevalence: dict[str, Any] | None = None  # data.test_prevalence's report; None when the test split is as found
 
   @property
   def num_classes(self) -> int:
@@ -44,6 +45,7 @@ class PreparedData:
   def record(self) -> dict[str, Any]:
     """The data section of metrics.json."""
     k = self.num_classes
+    extra = {'test_prevalence': self.test_prevalence} if self.test_prevalence else {}
     return dict(
       source=self.dataset.source,
       phantom=self.dataset.is_phantom,
@@ -59,6 +61,7 @@ class PreparedData:
       ),
       rebalance=self.training_set.summary(k),
       leakage=self.leakage,
+      **extra,
     )
 
 
@@ -103,6 +106,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, 
       ds.splits['train'], k, config.imbalance.minority_class, config.imbalance.ratio, dseed
     )
   report['seed'] = dseed
+  prevalence = None
+  if config.data.test_prevalence:  # before limit_eval, whose stratified cap keeps the mix
+    ds.splits['test'], prevalence = imbalance.apply_test_prevalence(
+      ds.splits['test'], ds.class_names, config.data.test_prevalence, dseed
+    )
   if config.data.limit_train:
     keep = imbalance.stratified_cap(train.labels, config.data.limit_train, seeding.numpy_rng(dseed, 'limit/train'))
     train = train.take(keep)
@@ -121,7 +129,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, 
     encoder = feature_encoder(config, workdir or os.path.join('runs', 'smote'))
   ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
   # The whole pool is checked: real rows and every added (SMOTE, synthetic) row.
-  return PreparedData(ds, train, ts, report, check_leakage(ds, ts.pool))
+  return PreparedData(ds, train, ts, report, check_leakage(ds, ts.pool), prevalence)
 
 
 def versions() -> dict[str, str]:
@@ -265,6 +273,8 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict, backend: Backe
     f' ({data.training_set.method})',
     f'val {ds.splits["val"].class_counts(k)} | test {ds.splits["test"].class_counts(k)}',
   ]
+  if data.test_prevalence:
+    lines.append(f'*** {data.test_prevalence["note"]} ***')
   lines.append(f'kernels: {backend.describe()}')
   for key, value in backend.process.items():  # what the backend did to the process, where a user looks
     lines.append(f'  {key}: {value}')

@@ -36,6 +36,7 @@ def reference_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   ref.data = copy.deepcopy(config.data)
   ref.data.limit_train = config.quality.reference_limit_train
   ref.data.limit_eval = 0
+  ref.data.test_prevalence = ''  # an evaluation choice: one reference network whatever the test mix
   ref.imbalance.ratio = 0.0  # the real training split as published
   ref.seed = 0  # fixed: one reference for every experiment seed
   ref.model.name = 'resnet18'
