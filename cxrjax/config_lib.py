@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from cxrjax.data import medical
 from cxrjax.errors import UserError
 
 PROFILES = ('full', 'cpu', 'smoke')
@@ -58,6 +59,9 @@ OPTIONAL_KEYS = {
   'optim.freeze_backbone_epochs': 0.0,
   'data.split_dirs': '',
   'data.test_prevalence': '',
+  'data.dicom_window': '',
+  'data.nifti_axis': 2,
+  'data.nifti_slices': 'middle',
 }
 
 SPLIT_KEYS = ('train', 'val', 'test')
@@ -112,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_prevalence = ''
   c.data.group_regex = r'(person\d+|IM-\d+)'  # patient id in file names
   c.data.on_bad_image = 'error'  # or 'skip': count unreadable images and go on
+  # DICOM and NIfTI in folders (cxrjax.data.medical; needs the `medical` extra).
+  c.data.dicom_window = ''  # '': the file's WindowCenter/Width (else min-max); 'minmax'; or 'CENTER,WIDTH'
+  c.data.nifti_axis = 2  # slicing axis of the canonical (RAS+) volume: 0 sagittal, 1 coronal, 2 axial
+  c.data.nifti_slices = 'middle'  # also picks multi-frame DICOM frames: 'middle', 'all', 'every:K', 'range:0.3-0.7'
   c.data.tfds_name = 'cxrjax_pneumonia_mnist'
   c.data.tfds_dir = ''  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.cache_dir = ''  # decoded-image cache for folders; default ~/.cache/cxrjax
@@ -323,15 +331,19 @@ def get_path(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return node
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short hash of everything in the config that changes results."""
-  d = json.loads(config.to_json_best_effort(sort_keys=True))
-  # Optional keys added after runs existed hash like their absence when unset, so
-  # adding such an option never invalidates finished workdirs.
+def _drop_absent_optional_keys(d: dict) -> None:
+  """Optional keys added after runs existed hash like their absence when unset, so
+  adding such an option never invalidates finished workdirs (or trained generators)."""
   for key, absent in OPTIONAL_KEYS.items():
     section, leaf = key.split('.')
     if leaf in d.get(section, {}) and d[section][leaf] == absent:
       d[section].pop(leaf)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short hash of everything in the config that changes results."""
+  d = json.loads(config.to_json_best_effort(sort_keys=True))
+  _drop_absent_optional_keys(d)
   for key in RUNTIME_KEYS:
     node = d
     *parents, leaf = key.split('.')
@@ -384,6 +396,7 @@ SYNTHESIS_ONLY = ('ldm.mode', 'ldm.strength', 'ldm.source_class', 'ldm.guidance_
 def generator_hash(config: ml_collections.ConfigDict) -> str:
   """Hash of what determines a trained generator: data, protocol, generator settings and seed."""
   d = json.loads(config.to_json_best_effort(sort_keys=True))
+  _drop_absent_optional_keys(d)
   for key in SYNTHESIS_ONLY:
     section, leaf = key.split('.')
     d.get(section, {}).pop(leaf, None)
@@ -492,6 +505,12 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   prevalence = parse_prevalence(d.test_prevalence)
   _require(not prevalence or not d.num_classes or len(prevalence) == d.num_classes, 'data.test_prevalence',
            d.test_prevalence, f'{d.num_classes} values (data.num_classes={d.num_classes})')  # fmt: skip
+  for key, parse in (('dicom_window', medical.parse_window), ('nifti_slices', medical.parse_slices)):
+    try:
+      parse(d[key])
+    except ValueError as e:
+      raise UserError(f'config.data.{key}={d[key]!r}: {e}') from None
+  _one_of(config, 'data.nifti_axis', (0, 1, 2))
   a = d.augment
   _require(0 <= a.crop_pad <= d.image_size // 4, 'data.augment.crop_pad', a.crop_pad, f'in [0, {d.image_size // 4}]')
   _one_of(config, 'data.augment.pad_mode', ('edge', 'zero'))

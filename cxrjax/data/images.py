@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.gif', '.pgm', '.ppm', '.webp')
+from cxrjax.data import medical
+
+PIL_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.gif', '.pgm', '.ppm', '.webp')
+# DICOM and NIfTI (cxrjax.data.medical) also count as images; so do extensionless DICOM files.
+IMAGE_EXTENSIONS = PIL_EXTENSIONS + medical.EXTENSIONS
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+  """An image by its name (IMAGE_EXTENSIONS), or a DICOM file by its preamble."""
+  return str(path).lower().endswith(IMAGE_EXTENSIONS) or medical.kind(str(path)) == 'dicom'
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -39,6 +50,24 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
+def decode_images(
+  path: str, size: int, channels: int, options: medical.Options = medical.DEFAULT
+) -> list[tuple[str, np.ndarray]]:
+  """Reads an image file as [(name suffix, uint8 [size, size, channels])].
+
+  One image with suffix '' for PIL's formats and single-frame DICOM; for NIfTI
+  volumes and multi-frame DICOM the slices or frames that `options` picks, with
+  suffixes '#slice<k>' or '#frame<k>'. All are squashed and converted alike.
+
+  Raises:
+    cxrjax.errors.UserError: a DICOM or NIfTI file without pydicom or nibabel installed.
+    Exception: the file is not a readable image (the decoder's message).
+  """
+  if medical.kind(path):
+    return [(suffix, _to_array(Image.fromarray(arr), size, channels)) for suffix, arr in medical.read(path, options)]
+  return [('', decode_file(path, size, channels))]
+
+
 def decode_file(path: str, size: int, channels: int) -> np.ndarray:
   """Reads an image file (any size, gray or RGB) as uint8 [size, size, channels].
 
@@ -47,21 +76,26 @@ def decode_file(path: str, size: int, channels: int) -> np.ndarray:
   """
   with Image.open(path) as im:
     im.load()  # forces full decoding, so truncated files fail here
-    mode = 'L' if channels == 1 else 'RGB'
-    if im.mode not in ('L', 'RGB'):
-      # 16-bit grayscale (I;16) and other modes: scale to 8 bits first.
-      if im.mode.startswith('I'):
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / max(hi - lo, 1e-9) * 255.0
-        im = Image.fromarray(np.rint(arr).astype(np.uint8))
-      else:
-        im = im.convert('RGB')
-    im = im.convert(mode)
-    if im.size != (size, size):
-      # Squash to a square, as MedMNIST and the shared Kermany copy do.
-      im = im.resize((size, size), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.uint8)
+    return _to_array(im, size, channels)
+
+
+def _to_array(im: Image.Image, size: int, channels: int) -> np.ndarray:
+  """A decoded PIL image in any mode -> uint8 [size, size, channels]."""
+  mode = 'L' if channels == 1 else 'RGB'
+  if im.mode not in ('L', 'RGB'):
+    # 16-bit grayscale (I;16) and other modes: scale to 8 bits first.
+    if im.mode.startswith('I'):
+      arr = np.asarray(im, dtype=np.float64)
+      lo, hi = float(arr.min()), float(arr.max())
+      arr = (arr - lo) / max(hi - lo, 1e-9) * 255.0
+      im = Image.fromarray(np.rint(arr).astype(np.uint8))
+    else:
+      im = im.convert('RGB')
+  im = im.convert(mode)
+  if im.size != (size, size):
+    # Squash to a square, as MedMNIST and the shared Kermany copy do.
+    im = im.resize((size, size), Image.BILINEAR)
+  arr = np.asarray(im, dtype=np.uint8)
   if arr.ndim == 2:
     arr = arr[..., None]
   return arr

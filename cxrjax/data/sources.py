@@ -24,6 +24,7 @@ from absl import logging
 
 from cxrjax import config_lib, fileio
 from cxrjax.data import images as image_lib
+from cxrjax.data import medical as medical_lib
 from cxrjax.data import phantom
 from cxrjax.data.dataset import SPLITS, Dataset, Split, check_labels
 from cxrjax.errors import UserError
@@ -147,7 +148,7 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
   files, ignored = [], 0
   for p in sorted(folder.rglob('*')):
     if p.is_file() and not p.name.startswith('.'):
-      if p.suffix.lower() in image_lib.IMAGE_EXTENSIONS:
+      if image_lib.is_image_file(p):
         files.append(p)
       else:
         ignored += 1
@@ -165,7 +166,7 @@ def _images_here(folder: Path) -> tuple[list[Path], int]:
   files, other = [], 0
   for p in sorted(folder.iterdir()):
     if p.is_file() and not p.name.startswith('.'):
-      if p.suffix.lower() in image_lib.IMAGE_EXTENSIONS:
+      if image_lib.is_image_file(p):  # by extension (.nii.gz too), or a DICOM's preamble
         files.append(p)
       else:
         other += 1
@@ -405,28 +406,39 @@ def read_tree(root: str, split_dirs: str = '') -> Tree:
   return tree
 
 
-def _decode_all(files: list[Path], size: int, channels: int, on_bad_image: str, threads: int):
+def _decode_all(
+  files: list[Path], size: int, channels: int, on_bad_image: str, threads: int, options: medical_lib.Options
+):
+  """Decodes `files` in a thread pool: (images, keep, bad, suffixes).
+
+  A file gives one image, or several (slices of a NIfTI volume, frames of a DICOM):
+  `keep[i]` is the index in `files` of image i and `suffixes[i]` what its name adds.
+  """
+
   def one(p):
     try:
-      return image_lib.decode_file(str(p), size, channels), None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+      return image_lib.decode_images(str(p), size, channels, options), None
+    except UserError:  # a missing optional library is no bad image
+      raise
+    except Exception as e:  # noqa: BLE001 - PIL, pydicom and nibabel raise many types for bad files
       return None, f'{type(e).__name__}: {e}'
 
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
     results = list(pool.map(one, files))
-  images, keep, bad = [], [], []
-  for p, (arr, err) in zip(files, results):
+  images, keep, bad, suffixes = [], [], [], []
+  for i, (p, (parts, err)) in enumerate(zip(files, results)):
     if err is None:
-      images.append(arr)
-      keep.append(True)
+      for suffix, arr in parts:
+        images.append(arr)
+        keep.append(i)
+        suffixes.append(suffix)
     else:
       if on_bad_image == 'error':
         raise UserError(
           f'{p}: unreadable image ({err}); fix or remove it, or set data.on_bad_image=skip to skip and count it'
         )
       bad.append(str(p))
-      keep.append(False)
-  return images, np.array(keep, bool), bad
+  return images, np.array(keep, np.int64), bad, suffixes
 
 
 def load_folder(
@@ -443,6 +455,7 @@ def load_folder(
   threads: int = 4,
   subclasses: str = '',
   split_dirs: str = '',
+  medical: medical_lib.Options = medical_lib.DEFAULT,
 ) -> Dataset:
   """A class-per-folder tree, with or without split folders.
 
@@ -458,6 +471,10 @@ def load_folder(
   `subclasses` splits a folder's images into classes by a substring of the file
   name, e.g. 'PNEUMONIA:bacteria=bacterial|virus=viral' turns Kermany's
   NORMAL/PNEUMONIA into NORMAL/bacterial/viral (folders separated by ';').
+
+  DICOM and NIfTI files are read as `medical` says (cxrjax.data.medical); the
+  slices of a volume (frames of a DICOM) are named `<file>#slice<k>` (`#frame<k>`)
+  and share their file's group, so no split separates them.
   """
   rootp = Path(root)
   tree = read_tree(root, split_dirs)
@@ -497,6 +514,9 @@ def load_folder(
   # file list, sizes and modification times, so a changed file is re-read.
   fingerprint = hashlib.sha256()
   fingerprint.update(json.dumps([os.path.abspath(root), size, channels, on_bad_image]).encode())
+  if any(medical_lib.kind(str(f)) for entries in per_split_files.values() for f, _ in entries):
+    # The window and slice rule change what DICOM and NIfTI files decode to (other trees keep their key).
+    fingerprint.update(json.dumps(['medical', *dataclasses.astuple(medical)]).encode())
   for split in sorted(per_split_files):
     for f, k in per_split_files[split]:
       st = f.stat()
@@ -517,10 +537,10 @@ def load_folder(
     cached = False
     for split, entries in per_split_files.items():
       files = [f for f, _ in entries]
-      imgs, keep, bad_here = _decode_all(files, size, channels, on_bad_image, threads)
+      imgs, keep, bad_here, suffixes = _decode_all(files, size, channels, on_bad_image, threads, medical)
       bad += bad_here
       labels = np.array([k for _, k in entries], np.int32)[keep]
-      names = np.array([str(f.relative_to(rootp)) for f in files])[keep]
+      names = np.array([str(files[i].relative_to(rootp)) + s for i, s in zip(keep, suffixes)], dtype=str)
       arr = np.stack(imgs) if imgs else np.zeros((0, size, size, channels), np.uint8)
       decoded[split] = (arr, labels, names)
     payload = {}
@@ -539,10 +559,11 @@ def load_folder(
   def groups_for(names: np.ndarray, labels: np.ndarray) -> np.ndarray:
     out = []
     for name, lab in zip(names, labels):
-      m = pattern.search(os.path.basename(name)) if pattern else None
+      file = medical_lib.source_file(str(name))  # the slices of a volume share their file's group
+      m = pattern.search(os.path.basename(file)) if pattern else None
       # A patient id is only shared within a class folder (e.g. NORMAL vs
       # PNEUMONIA use different numbering schemes), so prefix it.
-      out.append(f'{class_names[lab]}/{m.group(1)}' if m else str(name))
+      out.append(f'{class_names[lab]}/{m.group(1)}' if m else file)
     return np.array(out)
 
   splits = {}
@@ -571,6 +592,10 @@ def load_folder(
   if ignored:
     notes.append(f'ignored {ignored} non-image file(s)')
   layout = tree.describe(carved)
+  parts = [n for n in map(str, np.concatenate([s.names for s in splits.values()])) if medical_lib.source_file(n) != n]
+  if parts:
+    volumes = len({medical_lib.source_file(n) for n in parts})
+    notes.append(f'{len(parts)} slices/frames of {volumes} volume(s) (data.nifti_slices={medical.nifti_slices!r})')
   source = dict(
     kind='folder',
     path=os.path.abspath(root),
@@ -665,6 +690,7 @@ def load_dataset(data, seed: int) -> Dataset:
     threads=max(data.num_threads, 4),
     subclasses=data.subclasses,
     split_dirs=data.split_dirs,
+    medical=medical_lib.Options(data.dicom_window, data.nifti_axis, data.nifti_slices),
   )
   source = data.source
 
