@@ -18,21 +18,11 @@ from cxrjax import config_lib, fileio, progress, seeding
 from cxrjax.data import sources
 from cxrjax.eval import features, gradcam, stats
 from cxrjax.eval import metrics as metrics_lib
-from cxrjax.eval.report import PHANTOM_BANNER, fmt
+from cxrjax.eval.report import PHANTOM_BANNER, TABLE_KEYS, fmt
 from cxrjax.sweep import plan
 
-TABLE_METRICS = (
-  ('precision', 'Precision'),
-  ('recall', 'Recall/Sens.'),
-  ('specificity', 'Specificity'),
-  ('f1', 'F1'),
-  ('balanced_accuracy', 'Bal. acc.'),
-  ('mcc', 'MCC'),
-  ('kappa', 'Kappa'),
-  ('youden_j', "Youden's J"),
-  ('auroc', 'AUROC'),
-  ('auprc', 'AUPRC'),
-)
+# The single-run report's metrics without accuracy, which says little under class imbalance.
+TABLE_METRICS = tuple((key, label) for key, label in TABLE_KEYS if key != 'accuracy')
 
 
 def csv_text(rows: list[dict]) -> str:

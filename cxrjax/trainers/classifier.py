@@ -32,7 +32,7 @@ from cxrjax.eval import metrics as metrics_lib
 from cxrjax.eval import report
 from cxrjax.models import HEADS, build_classifier
 from cxrjax.trainers import common, finetune, loop
-from cxrjax.trainers.program import Program
+from cxrjax.trainers.program import Program, count_params
 
 
 @flax.struct.dataclass
@@ -373,10 +373,6 @@ def export_classifier(path: str, variables, config, ds) -> None:
   checkpoint.save_tree(os.path.join(path, 'variables'), variables)
   if jax.process_index() == 0:
     fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
-
-
-def count_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def config_select_keys(m: dict) -> list[str]:

@@ -50,5 +50,9 @@ class Program:
   def num_params(self) -> int:
     """Trainable parameters of the state (leaves of its `params` / `*_params` fields), without running init."""
     state = jax.eval_shape(self.init)
-    fields = [getattr(state, f.name) for f in dataclasses.fields(state) if f.name.endswith('params')]
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(fields)))
+    return count_params([getattr(state, f.name) for f in dataclasses.fields(state) if f.name.endswith('params')])
+
+
+def count_params(tree) -> int:
+  """The number of scalars in the leaves of `tree` (arrays or shape structs)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
