@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import functools
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +79,42 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> sub
     text=True,
     timeout=timeout,
   )
+
+
+@dataclasses.dataclass
+class SmokeRun:
+  workdir: Path
+  reference_dir: Path  # the reference feature network the run trained (quality.reference_dir)
+  returncode: int
+  stderr: str  # its last 3,000 characters
+
+
+CDCGAN_SMOKE_ARGS = ['--config=configs/cdcgan.py:smoke', '--config.gan.alpha=0.25']
+
+
+@pytest.fixture(scope='session')
+def cdcgan_smoke_run(request, tmp_path_factory, shared_data) -> SmokeRun:
+  """One finished `configs/cdcgan.py:smoke` run (gan.alpha=0.25) for the whole session, not one per user.
+
+  tests/test_generative.py checks its outputs and tests/test_reader_study.py builds a
+  reader study from it. Under pytest-xdist each worker has its own session fixtures, so
+  the run lives in the folder the workers share (the parent of each worker's base temp):
+  the first worker to ask trains it under an flock, the others wait for the lock and read
+  the recorded result. Nothing may write into the run afterwards.
+  """
+  base = tmp_path_factory.getbasetemp()
+  folder = (base.parent if hasattr(request.config, 'workerinput') else base) / 'shared-cdcgan-smoke'
+  folder.mkdir(exist_ok=True)
+  done = folder / 'result.json'
+  with open(folder / '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.is_file():
+      r = run_cli(
+        [*CDCGAN_SMOKE_ARGS, f'--workdir={folder / "run"}', f'--config.quality.reference_dir={folder / "ref"}']
+      )
+      done.write_text(json.dumps(dict(returncode=r.returncode, stderr=r.stderr[-3000:])))
+    result = json.loads(done.read_text())
+  return SmokeRun(folder / 'run', folder / 'ref', result['returncode'], result['stderr'])
 
 
 def torchvision_models():
