@@ -129,11 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
   #   SPLITS     the splits it may feed, e.g. 'train' or 'train,val,test' (default all three); a source's own
   #              splits are used, val carved from its train (grouped by patient) when it has none
   #   GROUP_REGEX  its patient id in file names (default data.group_regex); the rest of the entry, '|' allowed
-  # Class names: the TO names in order of first appearance. e.g. the poster's extra normals:
-  #   'chest_xray | NORMAL:normal,PNEUMONIA:pneumonia | train,test; pneumoniamnist.npz | 0:normal | train'
+  # Class names: the TO names in order of first appearance. data.subclasses and data.split_dirs apply to
+  # every folder tree among the sources (a subclass rule to the trees that have its folder). The poster's:
+  #   'chest_xray | NORMAL:normal,PNEUMONIA:pneumonia | train,val,test; pneumoniamnist.npz | 0:normal | train'
   c.data.sources = ''
-  # Near-duplicates across sources (cxrjax.data.near_duplicates): 'drop' (a training copy of an image in an
-  # earlier source or in val/test is dropped, a val copy of a test image too; test is never changed),
+  # Near-duplicates across sources (cxrjax.data.near_duplicates): 'drop' (a train copy of a val or test image
+  # and a val copy of a test image are dropped; within a split the later source's copy; test is never changed),
   # 'report' (found and counted only) or 'off' (not looked for).
   c.data.source_duplicates = 'drop'
   c.data.source_check = False  # how well pixels alone tell the training sources apart (cxrjax.eval.source_check)

@@ -20,6 +20,8 @@ compares every pair of sources, and a pair is resolved by two rules (`data.sourc
 * within one split the earlier source (first listed) keeps its copy; both copies of a
   test pair stay, since the test split is never changed (except by `data.test_prevalence`).
 
+Of each pair of sources the smaller is looked up in the larger (every image looked up reports its
+best partner, so fewer lookups give a wrong partner fewer chances to pass the matcher's threshold).
 The matches are cached (`data.cache_dir`), keyed on the compared pixels and the matcher's code.
 """
 
@@ -215,8 +217,13 @@ def _stacked(kept: dict[str, Split]) -> tuple[np.ndarray, list[tuple[str, int]]]
 
 def matcher_fingerprint() -> str:
   """A hash of the near-duplicate matcher's code: a changed matcher never reads old cached matches."""
-  from cxrjax.data import near_duplicates  # noqa: PLC0415 - the matcher loads only when sources are compared
-
+  try:
+    from cxrjax.data import near_duplicates  # noqa: PLC0415 - the matcher loads only when sources are compared
+  except ImportError as e:
+    raise UserError(
+      f'config.data.source_duplicates: the matcher cxrjax.data.near_duplicates cannot be imported ({e});'
+      " expected it installed, or data.source_duplicates='off'"
+    ) from e
   return hashlib.sha256(Path(near_duplicates.__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -226,9 +233,9 @@ def cached_matches(a: np.ndarray, b: np.ndarray, cache_dir: str) -> tuple[np.nda
   The key is the matcher's code and the pixels compared, so the result is recomputed
   exactly when it could differ. Returns (matches, cache path, whether it was read from the cache).
   """
+  h = hashlib.sha256(matcher_fingerprint().encode())  # imports the matcher, or says it is missing
   from cxrjax.data import near_duplicates  # noqa: PLC0415
 
-  h = hashlib.sha256(matcher_fingerprint().encode())
   for arr in (a, b):
     h.update(str(arr.shape).encode())
     h.update(np.ascontiguousarray(arr).tobytes())
@@ -270,12 +277,16 @@ def resolve_duplicates(
     for j in range(i + 1, len(per_source)):
       (name_a, kept_a), (name_b, kept_b) = per_source[i], per_source[j]
       (imgs_a, where_a), (imgs_b, where_b) = stacked[i], stacked[j]
-      matches, path, cached = cached_matches(imgs_a, imgs_b, cache_dir)
+      # Each image of the matcher's first argument reports its best partner in the second, so every image
+      # that has no twin is one more chance for a wrong partner to pass the threshold: the smaller source asks.
+      flip = len(imgs_b) <= len(imgs_a)
+      matches, path, cached = cached_matches(*((imgs_b, imgs_a) if flip else (imgs_a, imgs_b)), cache_dir)
       caches.append(path)
       cached_all &= cached
       counts = pairs.setdefault(f'{name_a}~{name_b}', {})
       for m in matches:
-        (sa, ra), (sb, rb) = where_a[int(m['a'])], where_b[int(m['b'])]
+        ia, ib = (int(m['b']), int(m['a'])) if flip else (int(m['a']), int(m['b']))
+        (sa, ra), (sb, rb) = where_a[ia], where_b[ib]
         counts[f'{sa}~{sb}'] = counts.get(f'{sa}~{sb}', 0) + 1
         la, lb = int(kept_a[sa].labels[ra]), int(kept_b[sb].labels[rb])
         conflicts += la != lb
@@ -309,7 +320,8 @@ def resolve_duplicates(
   record = dict(
     mode=mode,
     applied=mode == 'drop',
-    compared=f'in grayscale at most {DUPLICATE_SIZE} px by cxrjax.data.near_duplicates',
+    compared=f'in grayscale at most {DUPLICATE_SIZE} px by cxrjax.data.near_duplicates, the smaller source of'
+    ' each pair looked up in the larger',
     rule='held-out copies win (a train copy of a val/test image, a val copy of a test image are dropped); within'
     ' a split the first listed source keeps its copy; test pairs are kept (the test split is never changed)',
     pairs=pairs,

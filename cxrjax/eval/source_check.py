@@ -96,7 +96,7 @@ def check(split: Split, class_names, seed: int = 0) -> dict[str, Any]:
   scores = [(max(v['auroc'].values()), c) for c, v in within.items() if v['auroc']]
   record['max_within_class'] = max(scores)[0] if scores else None
   if scores:
-    best, cname = max(scores)
+    best, cname = max(scores, key=lambda t: t[0])  # the first class with the largest AUROC
     record['reading'] = (
       f'Within class {cname!r} the sources are told apart with AUROC {best:.2f} from 16x16 thumbnails: {READING}.'
     )
