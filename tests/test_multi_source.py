@@ -269,6 +269,9 @@ def test_source_check_half_for_alike_sources_one_for_brightness():
   assert bright['by_source']['x'] > 0.97 and bright['max_within_class'] > 0.97
   assert bright['reading'].startswith("Within class 'normal' the sources are told apart with AUROC 1.00")
   assert 'hospital instead of the disease' in bright['reading']
+  few = _thumbs_split(150, 40, 2)
+  few = few.take(np.concatenate([np.flatnonzero(few.sources == 'x'), np.flatnonzero(few.sources == 'y')[:12]]))
+  assert '(only 6 images from y: a rough estimate)' in source_check.check(few, ('normal', 'pneumonia'))['reading']
   one = source_check.check(_split('x', 6, 0), ('normal', 'pneumonia'))
   assert one['by_source'] == {} and 'one source' in one['note']
 
