@@ -14,8 +14,11 @@ anything trains; it raises `UserError` with a one-line message.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import re
 from typing import Any
 
 import ml_collections
@@ -62,6 +65,9 @@ OPTIONAL_KEYS = {
   'data.dicom_window': '',
   'data.nifti_axis': 2,
   'data.nifti_slices': 'middle',
+  'data.sources': '',
+  'data.source_duplicates': 'drop',
+  'data.source_check': False,
 }
 
 SPLIT_KEYS = ('train', 'val', 'test')
@@ -115,6 +121,23 @@ def base_config() -> ml_collections.ConfigDict:
   # The test split's class mix, e.g. '1,1' (subsampled, never upsampled; seeded by the data seed); '' = as found.
   c.data.test_prevalence = ''
   c.data.group_regex = r'(person\d+|IM-\d+)'  # patient id in file names
+  # Several sources in one dataset (cxrjax.data.multi_source); '' reads data.path alone. Entries separated
+  # by ';', each 'PATH | CLASS_MAP | SPLITS | GROUP_REGEX' (the last two optional):
+  #   PATH       a folder tree or an npz; relative paths are also tried under $CXRJAX_DATA_DIR
+  #   CLASS_MAP  'FROM:TO,...': FROM a class folder (or data.subclasses name), or for an npz a label index
+  #              (or its class name); TO the dataset's class. '*:TO' maps every class. Unmapped classes are left out.
+  #   SPLITS     the splits it may feed, e.g. 'train' or 'train,val,test' (default all three); a source's own
+  #              splits are used, val carved from its train (grouped by patient) when it has none
+  #   GROUP_REGEX  its patient id in file names (default data.group_regex); the rest of the entry, '|' allowed
+  # Class names: the TO names in order of first appearance. data.subclasses and data.split_dirs apply to
+  # every folder tree among the sources (a subclass rule to the trees that have its folder). The poster's:
+  #   'chest_xray | NORMAL:normal,PNEUMONIA:pneumonia | train,val,test; pneumoniamnist.npz | 0:normal | train'
+  c.data.sources = ''
+  # Near-duplicates across sources (cxrjax.data.near_duplicates): 'drop' (a train copy of a val or test image
+  # and a val copy of a test image are dropped; within a split the later source's copy; test is never changed),
+  # 'report' (found and counted only) or 'off' (not looked for).
+  c.data.source_duplicates = 'drop'
+  c.data.source_check = False  # how well pixels alone tell the training sources apart (cxrjax.eval.source_check)
   c.data.on_bad_image = 'error'  # or 'skip': count unreadable images and go on
   # DICOM and NIfTI in folders (cxrjax.data.medical; needs the `medical` extra).
   c.data.dicom_window = ''  # '': the file's WindowCenter/Width (else min-max); 'minmax'; or 'CENTER,WIDTH'
@@ -401,7 +424,7 @@ def generator_hash(config: ml_collections.ConfigDict) -> str:
     section, leaf = key.split('.')
     d.get(section, {}).pop(leaf, None)
   # The generator sees the training split only: test-side keys leave its hash alone.
-  for key in ('num_workers', 'num_threads', 'prefetch', 'cache_dir', 'limit_eval', 'test_prevalence'):
+  for key in ('num_workers', 'num_threads', 'prefetch', 'cache_dir', 'limit_eval', 'test_prevalence', 'source_check'):
     d['data'].pop(key, None)
   for key, absent in OPTIONAL_KEYS.items():  # keys added since, at their "as before" value
     section, leaf = key.split('.')
@@ -432,6 +455,94 @@ def parse_split_dirs(spec: str) -> dict[str, str]:
     raise UserError(f'config.data.split_dirs={spec!r}: names no {"train" if "train" not in out else "test"} folder;'
                     f' expected {expected}')  # fmt: skip
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """One entry of `data.sources`: where the images are, how their classes map, which splits they feed."""
+
+  index: int  # 1-based position in data.sources
+  text: str  # the entry as written (for messages)
+  path: str
+  class_map: tuple[tuple[str, str], ...]  # (the source's class, the dataset's class); ('*', name): every class
+  splits: tuple[str, ...]  # in SPLIT_KEYS order
+  group_regex: str | None  # None: data.group_regex
+
+  def where(self) -> str:
+    return f'config.data.sources entry {self.index} ({self.text!r})'
+
+
+SOURCES_GRAMMAR = "'PATH | FROM:TO,... | SPLITS[ | GROUP_REGEX][; ...]'"
+
+
+def parse_sources(spec: str) -> list[SourceSpec]:
+  """`data.sources` -> one `SourceSpec` per ';'-separated entry; '' -> [] (see base_config for the grammar).
+
+  Refused with one line naming the entry: a missing path or class map, an unknown split, an empty class
+  map, one class of a source mapped twice, '*' beside other classes, two entries naming the same path,
+  no entry feeding train, val or test.
+  """
+  out: list[SourceSpec] = []
+  entries = [e.strip() for e in spec.split(';')]
+  if not any(entries):
+    return []
+  for i, text in enumerate(entries, 1):
+    if not text:
+      raise UserError(f'config.data.sources: entry {i} is empty; expected {SOURCES_GRAMMAR}')
+    fields = [f.strip() for f in text.split('|', 3)]
+    where = f'config.data.sources entry {i} ({text!r})'
+    if len(fields) < 2 or not fields[0]:
+      raise UserError(f'{where}: expected {SOURCES_GRAMMAR}')
+    path, mapping = fields[0], fields[1]
+    pairs: list[tuple[str, str]] = []
+    for item in [m.strip() for m in mapping.split(',') if m.strip()]:
+      src, sep, dst = (x.strip() for x in item.rpartition(':'))
+      if not sep or not src or not dst:
+        raise UserError(f'{where}: class map item {item!r}; expected FROM:TO (e.g. NORMAL:normal, 0:normal, *:normal)')
+      pairs.append((src, dst))
+    if not pairs:
+      raise UserError(f'{where}: empty class map; expected FROM:TO pairs, e.g. NORMAL:normal,PNEUMONIA:pneumonia')
+    seen: dict[str, str] = {}
+    for src, dst in pairs:
+      if src in seen:
+        raise UserError(f'{where}: class {src!r} mapped twice (to {seen[src]!r} and {dst!r}); expected each class once')
+      seen[src] = dst
+    if '*' in seen and len(seen) > 1:
+      raise UserError(f"{where}: '*' maps every class and stands alone; expected '*:TO' or FROM:TO pairs")
+    split_text = fields[2] if len(fields) > 2 and fields[2] else ','.join(SPLIT_KEYS)
+    splits = [x.strip() for x in split_text.split(',') if x.strip()]
+    for s in splits:
+      if s not in SPLIT_KEYS:
+        raise UserError(f'{where}: unknown split {s!r}; expected a comma-separated subset of train, val, test')
+    regex = fields[3] if len(fields) > 3 and fields[3] else None
+    if regex is not None:
+      try:
+        re.compile(regex)
+      except re.error as e:
+        raise UserError(f'{where}: group regex {regex!r} does not compile ({e})') from None
+    out.append(SourceSpec(i, text, path, tuple(pairs), tuple(s for s in SPLIT_KEYS if s in splits), regex))
+  named: dict[str, int] = {}
+  for s in out:
+    key = os.path.normpath(os.path.expanduser(s.path))
+    if key in named:
+      raise UserError(
+        f'config.data.sources: entries {named[key]} and {s.index} both name {s.path!r}; expected each path once'
+        ' (one entry can feed several splits and map several classes)'
+      )
+    named[key] = s.index
+  for split in SPLIT_KEYS:
+    if not any(split in s.splits for s in out):
+      hint = ' (a source without a val split has val carved from its train when its SPLITS name val)'
+      raise UserError(
+        f'config.data.sources={spec!r}: no entry feeds the {split} split; expected at least one'
+        + (hint if split == 'val' else '')
+      )
+  return out
+
+
+def source_class_names(specs: list[SourceSpec]) -> tuple[str, ...]:
+  """The dataset's classes under `data.sources`: the TO names, in order of first appearance."""
+  return tuple(dict.fromkeys(dst for s in specs for _, dst in s.class_map))
 
 
 def parse_prevalence(spec: str) -> list[float]:
@@ -502,6 +613,18 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(d.num_threads >= 1, 'data.num_threads', d.num_threads, '>= 1')
   _require(d.positive_class >= 0, 'data.positive_class', d.positive_class, '>= 0')
   parse_split_dirs(d.split_dirs)
+  _one_of(config, 'data.source_duplicates', ('drop', 'report', 'off'))
+  _one_of(config, 'data.source_check', (False, True))
+  specs = parse_sources(d.sources)
+  if specs:
+    _require(not d.path, 'data.path', d.path, "'' with data.sources (its entries name the paths)")
+    _require(d.source == 'auto', 'data.source', d.source, "'auto' with data.sources (each entry is a folder or npz)")
+    _require(not d.class_names, 'data.class_names', d.class_names,
+             "'' with data.sources (the class map names the classes, in order of first appearance)")  # fmt: skip
+    names = source_class_names(specs)
+    _require(len(names) >= 2, 'data.sources', d.sources, f'class maps naming at least 2 classes (found {list(names)})')
+    _require(not d.num_classes or d.num_classes == len(names), 'data.num_classes', d.num_classes,
+             f'0 or {len(names)}: data.sources maps to {len(names)} classes ({", ".join(names)})')  # fmt: skip
   prevalence = parse_prevalence(d.test_prevalence)
   _require(not prevalence or not d.num_classes or len(prevalence) == d.num_classes, 'data.test_prevalence',
            d.test_prevalence, f'{d.num_classes} values (data.num_classes={d.num_classes})')  # fmt: skip

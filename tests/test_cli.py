@@ -61,6 +61,9 @@ def test_smoke_baseline_on_pneumoniamnist(baseline_smoke):
   assert m['data']['counts']['trained_on'] == m['data']['counts']['train_imbalanced']
   assert 'PHANTOM' not in (wd / 'report.md').read_text()
   assert 'pneumoniamnist.npz' in r.stderr  # the banner names the data
+  with np.load(wd / 'predictions.npz') as z:  # each test image's source beside its name
+    assert set(z['test_sources']) == {'pneumoniamnist'} and len(z['test_sources']) == len(z['test_names'])
+  assert m['data']['per_source']['pneumoniamnist']['test'] == m['data']['counts']['test']
   malloc = m['run']['backend']['process']['malloc']
   if malloc.startswith('glibc'):  # and the malloc setting that trades memory for speed
     assert f'malloc: {malloc}' in r.stderr
@@ -176,6 +179,14 @@ BAD_INPUTS = {
   'ambiguous folder tree': (
     lambda tmp, cx: [f'--config.data.path={_ambiguous_tree(tmp)}', f'--config.data.cache_dir={tmp / "c"}'],
     "holds the same ones: if those are splits, say which is which with data.split_dirs='train=part1,test=part2'",
+  ),
+  'missing source path': (
+    lambda tmp, cx: ['--config.data.sources=nowhere | *:normal; pneumoniamnist.npz | 1:pneumonia'],
+    "config.data.sources entry 1 path 'nowhere': no such file or folder",
+  ),
+  'source class mapped twice': (
+    lambda tmp, cx: ['--config.data.sources=chest_xray | NORMAL:normal,NORMAL:pneumonia'],
+    "class 'NORMAL' mapped twice (to 'normal' and 'pneumonia')",
   ),
   'unknown config key': (
     lambda tmp, cx: ['--config.data.pth=x'],

@@ -2,8 +2,11 @@
 
 Every source (npz, TFDS, class-per-folder tree, phantom) produces a `Dataset`:
 uint8 images `[N, H, W, C]`, int32 labels, a group id per image (the patient,
-when known, so that splits never share a patient) and a name per image (file
-or array position), plus a `source` record that travels into every output.
+when known, so that splits never share a patient), a name per image (file
+or array position) and the source it came from (the data source's name; for rows
+added in training 'smote:...' or 'synthetic:<tag>'), plus a `source` record that
+travels into every output. Names and sources are row fields, so every subset,
+repetition or concatenation keeps each image's provenance.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ SPLITS = ('train', 'val', 'test')
 
 @dataclasses.dataclass
 class Split:
-  """One split: images, labels, patient groups and names, aligned by row."""
+  """One split: images, labels, patient groups, names and sources, aligned by row."""
 
   images: np.ndarray  # uint8 [N, H, W, C]
   labels: np.ndarray  # int32 [N]
   groups: np.ndarray  # str [N]: patient id, or a unique id per image
-  names: np.ndarray  # str [N]: where each image came from
+  names: np.ndarray  # str [N]: where each image came from (file relative to its source, or npz key[index])
+  sources: np.ndarray | None = None  # str [N]: the source of each image (data.sources); None: '' for every row
 
   def __post_init__(self):
     n = len(self.labels)
-    if not (len(self.images) == len(self.groups) == len(self.names) == n):
+    if self.sources is None:
+      self.sources = np.full(n, '', dtype=str)
+    if not (len(self.images) == len(self.groups) == len(self.names) == len(self.sources) == n):
       raise ValueError('Split fields must have the same length')
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
       raise ValueError(f'Split images must be uint8 [N,H,W,C], got {self.images.dtype} {self.images.shape}')
@@ -41,7 +47,7 @@ class Split:
   def take(self, index: np.ndarray) -> Split:
     """Rows `index` (with repetition allowed), in that order."""
     index = np.asarray(index, dtype=np.int64)
-    return Split(self.images[index], self.labels[index], self.groups[index], self.names[index])
+    return Split(self.images[index], self.labels[index], self.groups[index], self.names[index], self.sources[index])
 
   def class_counts(self, num_classes: int) -> list[int]:
     return np.bincount(self.labels, minlength=num_classes).astype(int).tolist()
@@ -58,6 +64,7 @@ def concat(a: Split, b: Split) -> Split:
     np.concatenate([a.labels, b.labels]),
     np.concatenate([a.groups, b.groups]),
     np.concatenate([a.names, b.names]),
+    np.concatenate([a.sources, b.sources]),
   )
 
 
@@ -83,6 +90,28 @@ class Dataset:
 
   def counts(self) -> dict[str, list[int]]:
     return {name: split.class_counts(self.num_classes) for name, split in self.splits.items()}
+
+
+# The stages at which images are counted per source (cxrjax.trainers.common.per_source_counts), with the
+# row labels reports give them, in order: 'read' is before cross-source duplicates are dropped.
+SOURCE_STAGES = (
+  ('train_read', 'train (read, before duplicates)'),
+  ('train_loaded', 'train (loaded)'),
+  ('train_imbalanced', 'train (imbalanced)'),
+  ('trained_on', 'train (per epoch, as trained)'),
+  ('val_read', 'val (read)'),
+  ('val', 'val (evaluated)'),
+  ('test_read', 'test (read)'),
+  ('test', 'test (evaluated)'),
+)
+
+
+def counts_by_source(sources: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, list[int]]:
+  """Rows per class of each source (`Split.sources`, `Split.labels`; sources in order of first appearance)."""
+  out = {}
+  for name in dict.fromkeys(sources.tolist()):
+    out[str(name)] = np.bincount(labels[sources == name], minlength=num_classes).astype(int).tolist()
+  return out
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:

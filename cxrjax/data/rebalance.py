@@ -3,7 +3,8 @@
 A method sees only the (imbalanced) training split and returns a
 `TrainingSet`: a pool of examples (the real training images, then any extra
 examples such as SMOTE interpolations or generator samples, each with its
-provenance), a sampling plan (pool indices for one epoch, repetition allowed),
+provenance: each row's `Split.sources` is its data source, 'smote:<source>' or
+'synthetic:<tag>'), a sampling plan (pool indices for one epoch, repetition allowed),
 a per-row strong-augmentation flag, and per-class loss weights. Trainers
 consume a `TrainingSet` and never branch on the method; validation and test
 splits never reach this module.
@@ -198,7 +199,9 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
       names = np.array(
         [f'smote:{train.names[idx[b]]}+{train.names[idx[p]]}@{lv:.4f}' for b, p, lv in zip(base, pick, lam)]
       )
-      new_parts.append(Split(imgs, np.full(need, c, np.int32), train.groups[idx[base]], names))
+      src_a, src_b = train.sources[idx[base]], train.sources[idx[pick]]
+      sources = np.array([f'smote:{a}' if a == b else f'smote:{a}+{b}' for a, b in zip(src_a, src_b)])
+      new_parts.append(Split(imgs, np.full(need, c, np.int32), train.groups[idx[base]], names, sources))
     for part in new_parts:
       pool = concat(pool, part)
       origin = np.concatenate([origin, np.full(len(part), 'smote', dtype=object)])
@@ -216,7 +219,7 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
     needed = {c: int(targets[c] - counts[c]) for c in range(num_classes)}
     extra, origins, summary = synthetic.draw(sources, needed, train.images.shape[1:], rng)
     if extra is not None:
-      pool = concat(pool, extra)
+      pool = concat(pool, dataclasses.replace(extra, sources=origins.astype(str)))  # 'synthetic:<tag>', as origin
       origin = np.concatenate([origin, origins.astype(object)])
       strong = np.concatenate([strong, np.zeros(len(extra), bool)])
     plan = np.arange(len(pool), dtype=np.int64)
@@ -232,7 +235,7 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
 def add_extra(ts: TrainingSet, extra: Split, tag: str, strong: bool = False) -> TrainingSet:
   """Appends extra rows (e.g. generator samples) to the pool and the plan."""
   n = len(ts.pool)
-  pool = concat(ts.pool, extra)
+  pool = concat(ts.pool, dataclasses.replace(extra, sources=np.full(len(extra), tag)))
   return dataclasses.replace(
     ts,
     pool=pool,

@@ -25,7 +25,7 @@ from absl import logging
 from cxrjax import config_lib, fileio
 from cxrjax.data import images as image_lib
 from cxrjax.data import medical as medical_lib
-from cxrjax.data import phantom
+from cxrjax.data import multi_source, phantom
 from cxrjax.data.dataset import SPLITS, Dataset, Split, check_labels
 from cxrjax.errors import UserError
 
@@ -50,8 +50,8 @@ def _md5(path: str) -> str:
   return h.hexdigest()
 
 
-def resolve_path(path: str) -> str:
-  """An existing file or folder for `path`, also looked up under $CXRJAX_DATA_DIR."""
+def resolve_path(path: str, what: str = 'data.path') -> str:
+  """An existing file or folder for `path`, also looked up under $CXRJAX_DATA_DIR; `what` names it in the error."""
   expanded = os.path.expanduser(os.path.expandvars(path))
   if os.path.exists(expanded):
     return os.path.abspath(expanded)
@@ -61,7 +61,7 @@ def resolve_path(path: str) -> str:
     if os.path.exists(candidate):
       return os.path.abspath(candidate)
   where = f' (also looked in ${DATA_DIR_ENV}={data_dir})' if data_dir else ''
-  raise UserError(f'data.path {path!r}: no such file or folder{where}')
+  raise UserError(f'{what} {path!r}: no such file or folder{where}')
 
 
 def medmnist_file(folder: str, size: int, name: str = 'pneumoniamnist') -> tuple[str, int] | None:
@@ -570,18 +570,21 @@ def load_folder(
   for split, (arr, labels, names) in decoded.items():
     splits[split] = Split(arr, labels.astype(np.int32), groups_for(names, labels), names)
   carved, notes = [], list(tree.notes)
+  # A fraction of 0 carves nothing (data.sources passes 0 for a split the source does not feed).
   if 'all' in splits:
     all_split = splits.pop('all')
     test_idx, rest_idx = grouped_split(all_split.labels, all_split.groups, test_fraction, seed, salt=1)
     splits['test'] = all_split.take(test_idx)
     splits['train'] = all_split.take(rest_idx)
-    carved.append(f'test carved from all images ({test_fraction:.0%}, grouped by patient)')
+    if test_fraction > 0:
+      carved.append(f'test carved from all images ({test_fraction:.0%}, grouped by patient)')
   if 'val' not in splits or len(splits['val']) == 0:
     train = splits['train']
     val_idx, train_idx = grouped_split(train.labels, train.groups, val_fraction, seed, salt=2)
     splits['val'] = train.take(val_idx)
     splits['train'] = train.take(train_idx)
-    carved.append(f'val carved from train ({val_fraction:.0%}, grouped by patient)')
+    if val_fraction > 0:
+      carved.append(f'val carved from train ({val_fraction:.0%}, grouped by patient)')
   for split in SPLITS:
     c = splits[split].class_counts(len(class_names))
     for k, n in enumerate(c):
@@ -665,8 +668,18 @@ def _online(host: str = 'zenodo.org', timeout: float = 3.0) -> bool:
     return False
 
 
+def source_label(source: dict) -> str:
+  """The name of a single-source dataset's images in `Split.sources`: its file or folder name, else its kind."""
+  path = source.get('path') or ''
+  name = os.path.basename(path.rstrip('/'))
+  return (name[: -len('.npz')] if name.endswith('.npz') else name) or source.get('kind', 'data')
+
+
 def load_dataset(data, seed: int) -> Dataset:
   """Loads the dataset that `data` (the `config.data` section) asks for.
+
+  With `data.sources` several sources are read into one dataset (`cxrjax.data.multi_source`);
+  otherwise one, and every image's `Split.sources` names it (`source_label`).
 
   Args:
     data: `config.data`.
@@ -678,9 +691,68 @@ def load_dataset(data, seed: int) -> Dataset:
   Raises:
     UserError: missing or malformed data, naming the path or key.
   """
-  size, channels, k = data.image_size, data.channels, data.num_classes
-  names = tuple(n.strip() for n in data.class_names.split(',') if n.strip())
-  folder_kwargs = dict(
+  if data.get('sources', ''):
+    return load_sources(data, seed)
+  ds = _load_one(data, seed)
+  label = source_label(ds.source)
+  for split in ds.splits.values():
+    if not np.any(split.sources != ''):
+      split.sources = np.full(len(split), label)
+  return ds
+
+
+def load_sources(data, seed: int) -> Dataset:
+  """The dataset of `data.sources`: each entry read as a dataset of its own, then `multi_source.combine`d.
+
+  Raises:
+    UserError: an entry's path that does not exist, or that another entry reaches too.
+  """
+  read, resolved = [], {}
+  for spec in config_lib.parse_sources(data.sources):
+    path = resolve_path(spec.path, f'config.data.sources entry {spec.index} path')
+    if path in resolved:
+      raise UserError(
+        f'{spec.where()}: {path} is also entry {resolved[path]}; expected each file or folder once'
+        ' (one entry can feed several splits and map several classes)'
+      )
+    resolved[path] = spec.index
+    read.append((spec, path, _read_source(spec, path, data, seed)))
+  folders = set()
+  if data.subclasses:  # each rule applies to the trees that have its folder, and must apply to one
+    folders = {f for _, path, _ in read if os.path.isdir(path) for f in read_tree(path, data.split_dirs).folders}
+  unknown = sorted(set(parse_subclasses(data.subclasses)) - folders)
+  if unknown:
+    raise UserError(
+      f'data.subclasses={data.subclasses!r} names folder(s) {unknown}; the folder sources have class folders'
+      f' {sorted(folders)}'
+    )
+  return multi_source.combine(read, data)
+
+
+def _read_source(spec: config_lib.SourceSpec, path: str, data, seed: int) -> Dataset:
+  """One entry of `data.sources` as a dataset of its own, at the run's size and channels."""
+  size, channels = data.image_size, data.channels
+  if os.path.isdir(path):
+    kwargs = folder_kwargs(data, seed)
+    # A split the source does not feed is not carved out of its train.
+    kwargs['val_fraction'] = data.val_fraction if 'val' in spec.splits else 0.0
+    kwargs['test_fraction'] = data.test_fraction if 'test' in spec.splits else 0.0
+    kwargs['group_regex'] = data.group_regex if spec.group_regex is None else spec.group_regex
+    if data.subclasses:  # the rules for the class folders this tree has
+      folders = set(read_tree(path, data.split_dirs).folders)
+      rules = parse_subclasses(data.subclasses)
+      kwargs['subclasses'] = ';'.join(
+        f'{f}:' + '|'.join(f'{a}={b}' for a, b in pairs) for f, pairs in rules.items() if f in folders
+      )
+    return load_folder(path, size, channels, **kwargs)
+  if path.endswith('.npz') or os.path.isfile(path):
+    return load_npz(path, size, channels, 0)
+  raise UserError(f'{spec.where()}: {path} is neither a folder tree nor an .npz file')
+
+
+def folder_kwargs(data, seed: int) -> dict:
+  """`load_folder`'s keyword arguments from `config.data`."""
+  return dict(
     val_fraction=data.val_fraction,
     test_fraction=data.test_fraction,
     group_regex=data.group_regex,
@@ -692,6 +764,13 @@ def load_dataset(data, seed: int) -> Dataset:
     split_dirs=data.split_dirs,
     medical=medical_lib.Options(data.dicom_window, data.nifti_axis, data.nifti_slices),
   )
+
+
+def _load_one(data, seed: int) -> Dataset:
+  """The dataset of `data.source` and `data.path`."""
+  size, channels, k = data.image_size, data.channels, data.num_classes
+  names = tuple(n.strip() for n in data.class_names.split(',') if n.strip())
+  kwargs = folder_kwargs(data, seed)
   source = data.source
 
   def from_path(path: str, kind: str) -> Dataset:
@@ -702,7 +781,7 @@ def load_dataset(data, seed: int) -> Dataset:
       if kind == 'npz':
         raise UserError(f'data.path {path!r}: folder has no pneumoniamnist[_SIZE].npz; expected an npz file')
     if os.path.isdir(path):
-      ds = load_folder(path, size, channels, **folder_kwargs)
+      ds = load_folder(path, size, channels, **kwargs)
       if k and ds.num_classes != k:
         raise UserError(f'{path}: found {ds.num_classes} class folders {ds.class_names}; config.data.num_classes={k}')
       return ds

@@ -131,5 +131,6 @@ def draw(
       np.concatenate([out.labels, p.labels]),
       np.concatenate([out.groups, p.groups]),
       np.concatenate([out.names, p.names]),
+      np.concatenate([out.sources, p.sources]),
     )
   return out, np.array(origins), summary

@@ -12,6 +12,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
 from cxrjax import fileio
+from cxrjax.data.dataset import SOURCE_STAGES
 
 PHANTOM_BANNER = '> **PHANTOM DATA** - procedural images, not real X-rays: these numbers say nothing about medicine.'
 
@@ -99,7 +100,9 @@ def data_section(data: dict) -> list[str]:
   lines = [
     '## Data',
     '',
-    f'- Source: {data["source"]["description"]}',
+    f'- Source: {data["source"]["description"]}'
+    if data['source'].get('kind') != 'sources'
+    else f'- Source: {len(data["source"]["sources"])} sources (data.sources), listed below',
   ]
   if data['source'].get('fallback'):
     lines.append(f'- **Fallback:** {data["source"]["fallback"]}')
@@ -125,6 +128,74 @@ def data_section(data: dict) -> list[str]:
   for label, c in rows:
     if c is not None:
       lines.append(f'| {label} | ' + ' | '.join(str(v) for v in c) + f' | {sum(c)} |')
+  return lines + source_lines(data)
+
+
+def source_lines(data: dict) -> list[str]:
+  """report.md lines for a dataset of several sources (data.sources): the sources, the near-duplicates
+  found across them, and the images per class of each source at every stage."""
+  per_source = data.get('per_source') or {}
+  src = data['source']
+  if src.get('kind') != 'sources' and len(per_source) < 2:
+    return []
+  names = data['class_names']
+  lines = ['', '### Sources', '']
+  for s in src.get('sources', []):
+    lines.append(f'- `{s["name"]}`: {s["description"]}')
+  dup = data.get('duplicates')
+  if dup:
+    verb = 'Dropped' if dup['applied'] else 'Would drop (`data.source_duplicates=report`)'
+    lines += ['', f'Near-duplicates across sources, compared {dup["compared"]}: {dup["pairs_total"]} pair(s).'
+              f' Rule: {dup["rule"]}.', '']  # fmt: skip
+    lines += ['| sources | split pair | pairs |', '|---|---|---|']
+    for pair, by in dup['pairs'].items():
+      for split_pair, n in sorted(by.items()) or [('-', 0)]:
+        lines.append(f'| {pair} | {split_pair} | {n} |')
+    lines += [
+      '',
+      f'{verb}:',
+      '',
+      '| split | source | ' + ' | '.join(names) + ' | total |',
+      '|' + '---|' * (len(names) + 3),
+    ]
+    for split, by in dup['dropped'].items():
+      for name, c in by.items():
+        lines.append(f'| {split} | {name} | ' + ' | '.join(str(v) for v in c) + f' | {sum(c)} |')
+    if not dup['dropped']:
+      lines.append('| - | - | ' + ' | '.join('0' for _ in names) + ' | 0 |')
+    extra = []
+    if dup['kept_in_test']:
+      extra.append(f'{dup["kept_in_test"]} test~test pair(s) kept (the test split is never changed)')
+    if dup['label_conflicts']:
+      extra.append(f'{dup["label_conflicts"]} pair(s) whose copies have different labels')
+    if extra:
+      lines += ['', '; '.join(extra) + '.']
+  lines += ['', '| source | stage | ' + ' | '.join(names) + ' | total |', '|' + '---|' * (len(names) + 3)]
+  for name, stages in per_source.items():
+    for key, label in SOURCE_STAGES:
+      if key in stages:
+        c = stages[key]
+        lines.append(f'| {name} | {label} | ' + ' | '.join(str(v) for v in c) + f' | {sum(c)} |')
+  return lines
+
+
+def source_check_lines(data: dict) -> list[str]:
+  """report.md section of the source-shortcut check (data.source_check), when it ran."""
+  check = data.get('source_check')
+  if not check:
+    return []
+  lines = ['## Source shortcut check', '', check['reading'], '', f'{check["model"]} on {check["features"]}.', '']
+  if not check.get('by_source'):
+    return lines
+  sources = list(check['by_source'])
+  lines += ['| | ' + ' | '.join(sources) + ' |', '|' + '---|' * (len(sources) + 1)]
+  lines.append('| all training images | ' + ' | '.join(fmt(check['by_source'][n]) for n in sources) + ' |')
+  for cname, w in check['within_class'].items():
+    cells = [fmt(w['auroc'].get(n)) if n in w['auroc'] else f'- ({w["rows"].get(n, 0)})' for n in sources]
+    lines.append(f'| within {cname} | ' + ' | '.join(cells) + ' |')
+  rows = ', '.join(f'{n} {v}' for n, v in check['rows'].items())
+  lines += ['', f'AUROC of each source against the others (out of fold); "-" where fewer than two sources give'
+            f' at least 2 images of the class (images in brackets). Training images used: {rows}.', '']  # fmt: skip
   return lines
 
 
@@ -197,6 +268,7 @@ def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
     ]
   if 'per_class' in test['threshold_0.5']:
     lines += ['### Per class (test, arg-max)', '', per_class_table(test['threshold_0.5']), '']
+  lines += source_check_lines(record['data'])
   lines += ['## Figures', '', '![confusion matrix](confusion.png)', '', '![training curves](curves.png)', '']
   lines += ['## Versions', '', ', '.join(f'{k} {v}' for k, v in run['versions'].items()), '']
   fileio.atomic_write_text(os.path.join(workdir, 'report.md'), '\n'.join(lines))
@@ -299,4 +371,5 @@ def generative_report(record: dict, class_names) -> str:
   lines += ['## Classifier on real + synthetic (tested on real images only)', '']
   rows = {f'test @ {key}': m for key, m in test.items()}
   lines += [metrics_table(rows), '', 'Full classifier report: [classifier/report.md](classifier/report.md)', '']
+  lines += source_check_lines(record['data'])
   return '\n'.join(lines)

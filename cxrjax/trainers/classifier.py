@@ -344,6 +344,7 @@ def _train(
         test_probs=test_probs.astype(np.float32),
         test_labels=ds.splits['test'].labels,
         test_names=ds.splits['test'].names.astype(str),
+        test_sources=ds.splits['test'].sources.astype(str),
       ),
     )
     faults.maybe_fail('final-eval')

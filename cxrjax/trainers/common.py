@@ -20,9 +20,10 @@ import optax
 
 from cxrjax import config_lib, fileio, progress, seeding
 from cxrjax.backends.base import Backend
-from cxrjax.data import imbalance, rebalance, sources
-from cxrjax.data.dataset import Dataset, Split
+from cxrjax.data import imbalance, multi_source, rebalance, sources
+from cxrjax.data.dataset import SOURCE_STAGES, SPLITS, Dataset, Split, counts_by_source
 from cxrjax.errors import UserError
+from cxrjax.eval import source_check
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'scikit-learn', 'ml-collections')
 
@@ -37,6 +38,9 @@ class PreparedData:
   imbalance_report: dict[str, Any]
   leakage: dict[str, Any]
   test_prevalence: dict[str, Any] | None = None  # data.test_prevalence's report; None when the test split is as found
+  # Source -> stage -> images per class (`per_source_counts`); the source-shortcut check when data.source_check.
+  per_source: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+  source_check: dict[str, Any] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -46,6 +50,8 @@ class PreparedData:
     """The data section of metrics.json."""
     k = self.num_classes
     extra = {'test_prevalence': self.test_prevalence} if self.test_prevalence else {}
+    if self.source_check is not None:
+      extra['source_check'] = self.source_check
     return dict(
       source=self.dataset.source,
       phantom=self.dataset.is_phantom,
@@ -61,8 +67,29 @@ class PreparedData:
       ),
       rebalance=self.training_set.summary(k),
       leakage=self.leakage,
+      per_source=self.per_source,
+      duplicates=self.dataset.source.get('duplicates'),
       **extra,
     )
+
+
+def per_source_counts(ds: Dataset, loaded: dict[str, dict[str, list[int]]], train: Split, ts) -> dict:
+  """Images per class of every source at every stage: read (before cross-source duplicates are
+  dropped; only with data.sources), loaded, after the imbalance protocol, trained on (one epoch of
+  the plan: SMOTE and synthetic rows appear as their own sources), and val/test as evaluated."""
+  k = ds.num_classes
+  stages = {f'{split}_read': {n: c[split] for n, c in ds.source.get('counts_read', {}).items() if split in c}
+            for split in SPLITS}  # fmt: skip
+  stages['train_loaded'] = loaded['train']
+  stages['train_imbalanced'] = counts_by_source(train.sources, train.labels, k)
+  stages['trained_on'] = counts_by_source(ts.pool.sources[ts.plan], ts.pool.labels[ts.plan], k)
+  for split in ('val', 'test'):
+    stages[split] = counts_by_source(ds.splits[split].sources, ds.splits[split].labels, k)
+  out: dict[str, dict[str, list[int]]] = {}
+  for stage, _ in SOURCE_STAGES:
+    for name, counts in stages.get(stage, {}).items():
+      out.setdefault(name, {})[stage] = counts
+  return out
 
 
 def check_leakage(dataset: Dataset, train: Split) -> dict[str, Any]:
@@ -90,6 +117,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, 
   """
   ds = sources.load_dataset(config.data, config.seed)
   ds.source['counts_loaded'] = ds.counts()
+  loaded = {s: counts_by_source(ds.splits[s].sources, ds.splits[s].labels, ds.num_classes) for s in SPLITS}
   k = ds.num_classes
   if config.data.num_classes and config.data.num_classes != k:
     raise UserError(f'config.data.num_classes={config.data.num_classes} but the data has {k} classes')
@@ -128,8 +156,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, 
       raise ValueError("rebalance.smote_space='feature' needs prepare_data(..., feature_encoder=...)")
     encoder = feature_encoder(config, workdir or os.path.join('runs', 'smote'))
   ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
+  check = source_check.check(train, ds.class_names, dseed) if config.data.get('source_check', False) else None
   # The whole pool is checked: real rows and every added (SMOTE, synthetic) row.
-  return PreparedData(ds, train, ts, report, check_leakage(ds, ts.pool), prevalence)
+  leakage = check_leakage(ds, ts.pool)
+  return PreparedData(ds, train, ts, report, leakage, prevalence, per_source_counts(ds, loaded, train, ts), check)
 
 
 def versions() -> dict[str, str]:
@@ -278,6 +308,15 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict, backend: Backe
   lines.append(f'kernels: {backend.describe()}')
   for key, value in backend.process.items():  # what the backend did to the process, where a user looks
     lines.append(f'  {key}: {value}')
+  if len(data.per_source) > 1:
+    for name, stages in data.per_source.items():
+      shown = [f'{key} {stages[key]}' for key, _ in SOURCE_STAGES if key in stages and not key.endswith('_read')]
+      lines.append(f'  source {name}: ' + ' | '.join(shown))
+  if ds.source.get('duplicates'):
+    lines.append(multi_source.duplicates_line(ds.source['duplicates'], ds.class_names))
+  if data.source_check is not None:
+    lines.append(source_check.line(data.source_check))
+    lines.append(f'  {data.source_check["reading"]}')
   if any(data.leakage.values()):
     lines.append(f'note: identical images across splits in the source data: {data.leakage}')
   lines.append('=' * 78)
