@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -115,3 +116,9 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def file_digest(path: str, algorithm: str = 'sha256') -> str:
+  """Hex digest of a file's bytes, streamed (weight files and datasets can be large)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, algorithm).hexdigest()

@@ -42,14 +42,6 @@ SPLIT_NAMES = {
 SKIPPED_FOLDERS = ('__MACOSX',)  # resource forks that macOS adds to zip archives: never a split or a class
 
 
-def _md5(path: str) -> str:
-  h = hashlib.md5()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def resolve_path(path: str, what: str = 'data.path') -> str:
   """An existing file or folder for `path`, also looked up under $CXRJAX_DATA_DIR; `what` names it in the error."""
   expanded = os.path.expanduser(os.path.expandvars(path))
@@ -132,7 +124,7 @@ def load_npz(path: str, size: int, channels: int, num_classes: int, class_names=
   names = tuple(class_names) if class_names else tuple(f'class{i}' for i in range(k))
   if len(names) != k:
     raise UserError(f'data.class_names has {len(names)} names but {path} has {k} classes')
-  source = dict(kind='npz', path=path, md5=_md5(path), phantom=False, source_size=int(source_size))
+  source = dict(kind='npz', path=path, md5=fileio.file_digest(path, 'md5'), phantom=False, source_size=int(source_size))
   if source_size != size:
     source['resized_from'] = int(source_size)
   source['description'] = f'npz {path} (md5 {source["md5"]})' + (

@@ -27,7 +27,6 @@ left out of the state and named in `info['skipped']`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrjax import fileio
 from cxrjax.errors import UserError
 from cxrjax.pretrained import sources
 
@@ -63,13 +63,9 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100_000_000
 
 
-def sha256(path: str, chunk_bytes: int = 1 << 20) -> str:
-  """Hex SHA-256 of the file's bytes, read in chunks (weight files can be large)."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while block := f.read(chunk_bytes):
-      digest.update(block)
-  return digest.hexdigest()
+def sha256(path: str) -> str:
+  """Hex SHA-256 of the file's bytes."""
+  return fileio.file_digest(path)
 
 
 def file_format(path: str) -> str:

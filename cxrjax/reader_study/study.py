@@ -8,7 +8,6 @@ leaves the previous version or the new one, never half of one.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import io
 import os
 import re
@@ -54,11 +53,7 @@ def now() -> str:
 
 
 def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
+  return fileio.file_digest(path)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
