@@ -99,9 +99,9 @@ def test_dicom_rescale_window_and_inversion(tmp_path, photometric):
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(got[0, :4], by_hand)
   # The same pixels through the folder pipeline at the file's own size.
-  [(_, full)] = images.decode_images(str(path), 16, 1)
+  [(_, full, _)] = images.decode_images(str(path), 16, 1)
   np.testing.assert_array_equal(full[..., 0], want)
-  assert images.decode_images(str(path), 8, 3)[0][1].shape == (8, 8, 3)
+  assert images.decode_images(str(path), 8, 3)[0].image.shape == (8, 8, 3)
 
 
 def test_dicom_window_from_config_or_minmax(tmp_path):
@@ -132,8 +132,8 @@ def test_dicom_rgb_stays_rgb(tmp_path):
   rgb = np.random.default_rng(1).integers(0, 256, (16, 16, 3)).astype(np.uint8)
   path = str(write_dicom(tmp_path / 'c.dcm', rgb))
   np.testing.assert_array_equal(medical.read_dicom(path)[0][1], rgb)
-  np.testing.assert_array_equal(images.decode_images(path, 16, 3)[0][1], rgb)
-  assert images.decode_images(path, 16, 1)[0][1].shape == (16, 16, 1)
+  np.testing.assert_array_equal(images.decode_images(path, 16, 3)[0].image, rgb)
+  assert images.decode_images(path, 16, 1)[0].image.shape == (16, 16, 1)
 
 
 def test_dicom_frames_follow_the_slice_rule(tmp_path):

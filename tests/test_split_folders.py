@@ -408,3 +408,33 @@ def test_cli_reads_a_training_testing_tree_with_its_own_test_split(tmp_path):
   assert layout in r.stderr  # the banner
   assert layout in (wd / 'report.md').read_text()
   assert 'test_prevalence' not in d
+
+
+# ----------------------------------------------------------------------------- mixed sizes and modes
+
+
+def test_mixed_sizes_and_modes_are_normalised_and_counted(tmp_path):
+  # As folders come: grayscale and RGB, a palette PNG, 16-bit grayscale, alpha, several sizes.
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'mixed'
+  for cls in CLASSES[:2]:
+    (root / cls).mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / cls / 'gray8.png')
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / cls / 'rgb.jpg')
+    Image.fromarray(rng.integers(0, 255, (12, 12, 4), dtype=np.uint8)).save(root / cls / 'rgba.png')
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).convert('P').save(root / cls / 'palette.png')
+    Image.fromarray(rng.integers(0, 65535, (16, 16), dtype=np.uint16)).save(root / cls / 'gray16.png')
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / cls / f'more{i}.png')
+  ds = load(root, tmp_path)
+  n = sum(len(s) for s in ds.splits.values())
+  assert n == 16 and all(s.images.shape[1:] == (8, 8, 1) for s in ds.splits.values())
+  norm = ds.source['normalised']
+  assert norm['images'] == 16 and norm['target'] == '8x8 L'
+  assert norm['resized'] == 6  # rgb 40x30, rgba 12x12, gray16 16x16, in each class
+  assert norm['distinct_sizes'] == 4 and norm['common_sizes']['8x8'] == 10
+  assert norm['converted'] == 8 and norm['modes'] == {'I;16': 2, 'L': 8, 'P': 2, 'RGB': 2, 'RGBA': 2}
+  assert any('6 of 16 image(s) resized' in note and '8 converted' in note for note in ds.source['notes'])
+  # The decoded cache keeps the originals: a second read reports the same.
+  again = load(root, tmp_path)
+  assert again.source['cache'] and again.source['normalised'] == norm

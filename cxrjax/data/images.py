@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -50,10 +51,16 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
   return out
 
 
-def decode_images(
-  path: str, size: int, channels: int, options: medical.Options = medical.DEFAULT
-) -> list[tuple[str, np.ndarray]]:
-  """Reads an image file as [(name suffix, uint8 [size, size, channels])].
+class Decoded(NamedTuple):
+  """One decoded image and what it was before it was normalised."""
+
+  suffix: str  # what the image's name adds to its file's: '' or '#slice<k>' / '#frame<k>'
+  image: np.ndarray  # uint8 [size, size, channels]
+  original: str  # '<width>x<height> <PIL mode>' as decoded, before squashing and conversion
+
+
+def decode_images(path: str, size: int, channels: int, options: medical.Options = medical.DEFAULT) -> list[Decoded]:
+  """Reads an image file as a list of `Decoded`.
 
   One image with suffix '' for PIL's formats and single-frame DICOM; for NIfTI
   volumes and multi-frame DICOM the slices or frames that `options` picks, with
@@ -64,19 +71,39 @@ def decode_images(
     Exception: the file is not a readable image (the decoder's message).
   """
   if medical.kind(path):
-    return [(suffix, _to_array(Image.fromarray(arr), size, channels)) for suffix, arr in medical.read(path, options)]
-  return [('', decode_file(path, size, channels))]
-
-
-def decode_file(path: str, size: int, channels: int) -> np.ndarray:
-  """Reads an image file (any size, gray or RGB) as uint8 [size, size, channels].
-
-  Raises:
-    OSError, ValueError: the file is not a readable image (PIL's message).
-  """
+    return [_decoded(suffix, Image.fromarray(arr), size, channels) for suffix, arr in medical.read(path, options)]
   with Image.open(path) as im:
     im.load()  # forces full decoding, so truncated files fail here
-    return _to_array(im, size, channels)
+    return [_decoded('', im, size, channels)]
+
+
+def _decoded(suffix: str, im: Image.Image, size: int, channels: int) -> Decoded:
+  return Decoded(suffix, _to_array(im, size, channels), f'{im.size[0]}x{im.size[1]} {im.mode}')
+
+
+def normalisation_summary(originals, size: int, channels: int) -> dict:
+  """What squashing to `size` and converting to `channels` did to images of these `Decoded.original`s.
+
+  Returns counts: images, resized, converted (mode other than the target's 'L'
+  or 'RGB'), and the most common original sizes and the modes seen.
+  """
+  target = 'L' if channels == 1 else 'RGB'
+  sizes: dict[str, int] = {}
+  modes: dict[str, int] = {}
+  for o in map(str, originals):
+    wh, _, mode = o.partition(' ')
+    sizes[wh] = sizes.get(wh, 0) + 1
+    modes[mode] = modes.get(mode, 0) + 1
+  common = dict(sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+  return dict(
+    images=int(sum(sizes.values())),
+    resized=int(sum(n for wh, n in sizes.items() if wh != f'{size}x{size}')),
+    distinct_sizes=len(sizes),
+    common_sizes=common,
+    converted=int(sum(n for m, n in modes.items() if m != target)),
+    modes=dict(sorted(modes.items())),
+    target=f'{size}x{size} {target}',
+  )
 
 
 def _to_array(im: Image.Image, size: int, channels: int) -> np.ndarray:

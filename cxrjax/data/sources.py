@@ -401,10 +401,11 @@ def read_tree(root: str, split_dirs: str = '') -> Tree:
 def _decode_all(
   files: list[Path], size: int, channels: int, on_bad_image: str, threads: int, options: medical_lib.Options
 ):
-  """Decodes `files` in a thread pool: (images, keep, bad, suffixes).
+  """Decodes `files` in a thread pool: (images, keep, bad, suffixes, originals).
 
   A file gives one image, or several (slices of a NIfTI volume, frames of a DICOM):
-  `keep[i]` is the index in `files` of image i and `suffixes[i]` what its name adds.
+  `keep[i]` is the index in `files` of image i, `suffixes[i]` what its name adds
+  and `originals[i]` its size and mode before normalisation.
   """
 
   def one(p):
@@ -417,20 +418,21 @@ def _decode_all(
 
   with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
     results = list(pool.map(one, files))
-  images, keep, bad, suffixes = [], [], [], []
+  images, keep, bad, suffixes, originals = [], [], [], [], []
   for i, (p, (parts, err)) in enumerate(zip(files, results)):
     if err is None:
-      for suffix, arr in parts:
-        images.append(arr)
+      for part in parts:
+        images.append(part.image)
         keep.append(i)
-        suffixes.append(suffix)
+        suffixes.append(part.suffix)
+        originals.append(part.original)
     else:
       if on_bad_image == 'error':
         raise UserError(
           f'{p}: unreadable image ({err}); fix or remove it, or set data.on_bad_image=skip to skip and count it'
         )
       bad.append(str(p))
-  return images, np.array(keep, np.int64), bad, suffixes
+  return images, np.array(keep, np.int64), bad, suffixes, originals
 
 
 def load_folder(
@@ -505,7 +507,8 @@ def load_folder(
   # Decoding thousands of JPEGs takes a while: cache the arrays, keyed on the
   # file list, sizes and modification times, so a changed file is re-read.
   fingerprint = hashlib.sha256()
-  fingerprint.update(json.dumps([os.path.abspath(root), size, channels, on_bad_image]).encode())
+  # 'originals': caches written before the original sizes and modes were kept are re-read.
+  fingerprint.update(json.dumps([os.path.abspath(root), size, channels, on_bad_image, 'originals']).encode())
   if any(medical_lib.kind(str(f)) for entries in per_split_files.values() for f, _ in entries):
     # The window and slice rule change what DICOM and NIfTI files decode to (other trees keep their key).
     fingerprint.update(json.dumps(['medical', *dataclasses.astuple(medical)]).encode())
@@ -519,18 +522,21 @@ def load_folder(
 
   bad: list[str] = []
   decoded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+  originals: list[str] = []
   if os.path.isfile(cache_path):
     with np.load(cache_path, allow_pickle=False) as z:
       for split in per_split_files:
         decoded[split] = (z[f'{split}_images'], z[f'{split}_labels'], z[f'{split}_names'])
       bad = list(z['bad']) if 'bad' in z.files else []
+      originals = list(z['originals'])
     cached = True
   else:
     cached = False
     for split, entries in per_split_files.items():
       files = [f for f, _ in entries]
-      imgs, keep, bad_here, suffixes = _decode_all(files, size, channels, on_bad_image, threads, medical)
+      imgs, keep, bad_here, suffixes, origs = _decode_all(files, size, channels, on_bad_image, threads, medical)
       bad += bad_here
+      originals += origs
       labels = np.array([k for _, k in entries], np.int32)[keep]
       names = np.array([str(files[i].relative_to(rootp)) + s for i, s in zip(keep, suffixes)], dtype=str)
       arr = np.stack(imgs) if imgs else np.zeros((0, size, size, channels), np.uint8)
@@ -541,6 +547,7 @@ def load_folder(
       payload[f'{split}_labels'] = labels
       payload[f'{split}_names'] = names
     payload['bad'] = np.array(bad, dtype=str)
+    payload['originals'] = np.array(originals, dtype=str)
     try:
       fileio.atomic_save_npz(cache_path, payload)
     except OSError as e:  # a read-only home is no reason to fail
@@ -584,6 +591,14 @@ def load_folder(
         notes.append(f'{split} has no images of class {class_names[k]!r}')
   if bad:
     notes.append(f'skipped {len(bad)} unreadable image(s), e.g. {bad[0]}')
+  normalised = image_lib.normalisation_summary(originals, size, channels)
+  if normalised['resized'] or normalised['converted']:
+    common = ', '.join(f'{wh} ({n})' for wh, n in normalised['common_sizes'].items())
+    notes.append(
+      f'normalised to {normalised["target"]}: {normalised["resized"]} of {normalised["images"]} image(s) resized'
+      f' (from {normalised["distinct_sizes"]} size(s); most common {common}),'
+      f' {normalised["converted"]} converted (modes {normalised["modes"]})'
+    )
   if ignored:
     notes.append(f'ignored {ignored} non-image file(s)')
   layout = tree.describe(carved)
@@ -601,6 +616,7 @@ def load_folder(
     tree=os.path.abspath(tree.base),
     cache=cache_path if cached else '',
     skipped_images=len(bad),
+    normalised=normalised,
     notes=notes,
     description=f'folder {os.path.abspath(root)} ({size}x{size}): {layout}'
     + ('; ' + '; '.join(notes) if notes else ''),
