@@ -54,7 +54,8 @@ def check_outputs(wd, kind):
   return m
 
 
-def test_ldm_sample_and_stage_skipping(tmp_path, reference_dir):
+def test_ldm_sample_skipping_then_img2img_on_the_same_generator(tmp_path, reference_dir):
+  # One LDM training serves both modes, as in the sweep (`ldm_sample` and `ldm_img2img` share a generator).
   wd = tmp_path / 'ldm'
   r = run('configs/ldm.py:smoke', wd, reference_dir)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -76,19 +77,21 @@ def test_ldm_sample_and_stage_skipping(tmp_path, reference_dir):
   assert (wd / 'synthetic.npz').stat().st_mtime_ns == syn_mtime
   assert (wd / 'metrics.json').is_file()
 
-
-def test_ldm_img2img_kill_during_synthesis_resumes(tmp_path, reference_dir):
-  wd = tmp_path / 'img2img'
-  args = ['--config.ldm.mode=img2img', '--config.ldm.strength=0.5']
-  r = run('configs/ldm.py:smoke', wd, reference_dir, *args, env={'CXRJAX_FAULT': 'synthesis'})
+  # img2img from that generator, killed during synthesis: nothing half-written, and the rerun finishes.
+  wd2 = tmp_path / 'img2img'
+  args = ['--config.ldm.mode=img2img', '--config.ldm.strength=0.5', f'--config.generator_dir={wd / "generator"}']
+  r = run('configs/ldm.py:smoke', wd2, reference_dir, *args, env={'CXRJAX_FAULT': 'synthesis'})
   assert r.returncode == -9
-  assert not (wd / 'synthetic.npz').exists(), 'no half-written synthetic set'
-  r = run('configs/ldm.py:smoke', wd, reference_dir, *args)
+  assert '[autoencoder] already trained' in r.stderr and '[diffusion] already trained' in r.stderr
+  assert not (wd2 / 'synthetic.npz').exists(), 'no half-written synthetic set'
+  r = run('configs/ldm.py:smoke', wd2, reference_dir, *args)
   assert r.returncode == 0, r.stderr[-3000:]
-  m = check_outputs(wd, 'ldm')
+  m = check_outputs(wd2, 'ldm')
   assert m['generator']['details']['mode'] == 'img2img' and m['generator']['details']['strength'] == 0.5
-  syn, _ = synthetic.load(str(wd / 'synthetic.npz'))
+  syn, _ = synthetic.load(str(wd2 / 'synthetic.npz'))
   assert np.isfinite(syn.images.astype(float)).all()
+  # The sample-mode set is a different set from the same generator.
+  assert not np.array_equal(syn.images, synthetic.load(str(wd / 'synthetic.npz'))[0].images)
 
 
 def test_dcgan_pipeline(tmp_path, reference_dir):
