@@ -35,6 +35,18 @@ def stratified_cap(labels: np.ndarray, limit: int, rng: np.random.Generator) -> 
   return np.sort(np.concatenate(keep))
 
 
+def subsample_per_class(labels: np.ndarray, target, rng: np.random.Generator) -> np.ndarray:
+  """Sorted row indices keeping `target[c]` rows of each class c, drawn without replacement in class order.
+
+  A class with no more than `target[c]` rows keeps them all (no draw is made for it).
+  """
+  keep = []
+  for c, n in enumerate(target):
+    idx = np.flatnonzero(labels == c)
+    keep.append(rng.choice(idx, size=n, replace=False) if n < len(idx) else idx)
+  return np.sort(np.concatenate(keep))
+
+
 def apply_imbalance(train: Split, num_classes: int, minority_class: int, ratio: float, seed: int):
   """Subsamples `train` to majority:minority = `ratio`.
 
@@ -76,15 +88,7 @@ def apply_imbalance(train: Split, num_classes: int, minority_class: int, ratio: 
       f'minority class {minority_class} has only {before[minority_class]} images: other classes'
       f' reduced to at most {cap} = round({before[minority_class]}*{ratio:g})'
     )
-  rng = seeding.numpy_rng(seed, 'imbalance')
-  keep = []
-  for c in range(num_classes):
-    idx = np.flatnonzero(train.labels == c)
-    if target[c] < len(idx):
-      idx = np.sort(rng.choice(idx, size=target[c], replace=False))
-    keep.append(idx)
-  keep = np.sort(np.concatenate(keep))
-  out = train.take(keep)
+  out = train.take(subsample_per_class(train.labels, target, seeding.numpy_rng(seed, 'imbalance')))
   after = out.class_counts(num_classes)
   for c, n in enumerate(after):
     if n == 0:
@@ -117,12 +121,7 @@ def apply_class_ratios(train: Split, num_classes: int, spec: str, seed: int):
   before = train.class_counts(num_classes)
   n_max = max(before)
   target = [min(n, int(round(n_max / r))) for n, r in zip(before, ratios)]
-  rng = seeding.numpy_rng(seed, 'imbalance')
-  keep = []
-  for c in range(num_classes):
-    idx = np.flatnonzero(train.labels == c)
-    keep.append(np.sort(rng.choice(idx, size=target[c], replace=False)) if target[c] < len(idx) else idx)
-  out = train.take(np.sort(np.concatenate(keep)))
+  out = train.take(subsample_per_class(train.labels, target, seeding.numpy_rng(seed, 'imbalance')))
   after = out.class_counts(num_classes)
   if min(after) == 0:
     raise UserError(f'config.imbalance.class_ratios={spec!r} leaves a class with no training images ({after})')
@@ -180,12 +179,7 @@ def apply_test_prevalence(test: Split, class_names, spec: str, seed: int):
         f'config.data.test_prevalence={spec!r} leaves class {class_names[c]!r} with no test images (test counts'
         f' {before}); expected a mix the test split can give'
       )
-  rng = seeding.numpy_rng(seed, 'test_prevalence')
-  keep = []
-  for c in range(k):
-    idx = np.flatnonzero(test.labels == c)
-    keep.append(rng.choice(idx, size=target[c], replace=False) if target[c] < len(idx) else idx)
-  out = test.take(np.sort(np.concatenate(keep)))
+  out = test.take(subsample_per_class(test.labels, target, seeding.numpy_rng(seed, 'test_prevalence')))
   after = out.class_counts(k)
   ratio = ':'.join(f'{w:g}' for w in weights)
   return out, dict(
