@@ -38,7 +38,7 @@ def _sweep(methods: str, **kw) -> ml_collections.ConfigDict:
   c = sweep_config.get_config('smoke')
   c.methods = methods
   c.seeds = SEEDS
-  c.bootstrap = 100
+  c.bootstrap = 40
   for k, v in kw.items():
     c[k] = v
   return c

@@ -59,6 +59,7 @@ def run_all(sweep: ml_collections.ConfigDict, workdir: str, backend=None) -> dic
 
   methods = plan.methods_of(sweep)
   seeds = list(sweep.seeds)
+  plan.per_seed_generators(sweep)  # a bad generator name fails here, whatever the methods
   # Validate every config before anything trains.
   configs = {(m, s): plan.method_config(sweep, m, s, workdir) for m in methods for s in seeds}
   order = sorted(configs, key=lambda ms: (ms[0].startswith(plan.MIX_PREFIX), methods.index(ms[0]), ms[1]))
