@@ -139,6 +139,14 @@ def _fabricate(wd, methods, k=2, n=240, collapse=None, youden=False):
   return records
 
 
+def _old_f1_at_half(y, s):
+  """The sweep's F1 before this change (report._f1_at(0.5)), for binary scores [N, S]."""
+  pred = np.asarray(s) >= 0.5
+  y = np.asarray(y, bool)[:, None]
+  tp, fp, fn = np.sum(pred & y, 0), np.sum(pred & ~y, 0), np.sum(~pred & y, 0)
+  return float(np.mean(np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)))
+
+
 def _holm(p):
   p = np.asarray(p, float)
   order = np.argsort(p)
@@ -203,12 +211,15 @@ def test_binary_aggregate_tests_match_scipy_and_hand(tmp_path, primary):
       assert v['youden_j_wilcoxon']['p_value'] == pytest.approx(sps.wilcoxon(j_m, j_r).pvalue)
       # The bootstrap's point estimate is the seed-mean J difference of the records.
       assert v['youden_j_bootstrap']['delta'] == pytest.approx(np.mean(j_m) - np.mean(j_r), abs=1e-12)
-      # F1's bootstrap is the one the sweep always ran: F1 of the positive class at each seed's threshold.
+      # F1's bootstrap is the one the sweep ran before J (its F1 function, copied here): unchanged.
       old = stats.paired_bootstrap(
-        y, (scores >= thr).astype(float), (ref_scores >= ref_thr).astype(float),
-        lambda yy, s: np.mean([skm.f1_score(yy, s[:, i], zero_division=0) for i in range(s.shape[1])]),
-        sweep.bootstrap, seed=0,
-      )  # fmt: skip
+        y,
+        (scores >= thr).astype(float),
+        (ref_scores >= ref_thr).astype(float),
+        _old_f1_at_half,
+        sweep.bootstrap,
+        seed=0,
+      )
       assert v['f1_bootstrap']['p_value'] == pytest.approx(old['p_value'])
       assert v['f1_bootstrap']['delta'] == pytest.approx(old['delta'])
       # DeLong on the seed-averaged scores, against the written-out original.
