@@ -30,7 +30,11 @@ def get_config(arg=None):
   c.seeds = (0, 1, 2)
   c.data_seed = 0  # one imbalanced training split for every run: seeds are paired
   c.generator_seed = 0  # generators trained once per method, shared by the seeds
-  c.primary = 'threshold_0.5'  # the table's operating point ('threshold_0.5' or 'youden')
+  # Generators trained once per seed instead (seed = the run's seed), so the intervals include generator
+  # variance: '' none (shared, as above), 'all', or generator names, e.g. 'dcgan,cdcgan_a0.5' (GANs per seed,
+  # one LDM shared: 'ldm' names the LDM behind ldm_sample and ldm_img2img). See cxrjax/sweep/plan.py.
+  c.generators_per_seed = ''
+  c.primary = 'threshold_0.5'  # the table's operating point ('threshold_0.5' or 'youden'; K > 2 classes: argmax)
   c.bootstrap = 2000  # paired bootstrap resamples over test images
   c.gradcam_images = 8  # fixed test images shown per method (half per class)
   c.focus_images = 128  # test images averaged in the lung-focus score

@@ -7,11 +7,15 @@ skipped, interrupted ones resume), with the imbalanced training split fixed
 across seeds and methods (`imbalance.seed`), so the seeds are paired: every
 method sees the same images. Generators are trained once per method in
 `WORKDIR/generators/<name>` and reused by every seed's classifier (their
-synthetic sets are drawn per seed); the reference feature network is trained
-once. Then it aggregates: mean +- 95% CI over seeds, paired tests against the
-baseline and the best classic method (paired t-test and Wilcoxon over seeds,
-paired bootstrap over test images), Grad-CAM/Grad-CAM++ grids and a lung-focus
-score, plots, `table.md`, `table.csv` and `report.md`.
+synthetic sets are drawn per seed), or, with `generators_per_seed`, once per
+(generator, seed) in `WORKDIR/generators/<name>_seed_<s>`; the reference
+feature network is trained once. Then it aggregates: mean +- 95% CI over
+seeds, paired tests of F1, Youden's J and AUROC against the baseline and the
+best classic method (paired t-test and Wilcoxon over seeds, paired bootstrap
+over test images, DeLong and McNemar on the seed-averaged scores, Holm per
+endpoint family), per-class one-vs-rest metrics for K > 2 classes,
+Grad-CAM/Grad-CAM++ grids and a lung-focus score, plots, `table.md`,
+`table.csv` and `report.md`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def run_all(sweep: ml_collections.ConfigDict, workdir: str, backend=None) -> dic
 
   methods = plan.methods_of(sweep)
   seeds = list(sweep.seeds)
+  plan.per_seed_generators(sweep)  # a bad generator name fails here, whatever the methods
   # Validate every config before anything trains.
   configs = {(m, s): plan.method_config(sweep, m, s, workdir) for m in methods for s in seeds}
   order = sorted(configs, key=lambda ms: (ms[0].startswith(plan.MIX_PREFIX), methods.index(ms[0]), ms[1]))

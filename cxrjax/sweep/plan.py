@@ -59,6 +59,35 @@ METHODS: dict[str, tuple[Callable, str | None]] = {
   'ldm_img2img': (_ldm('img2img'), 'ldm'),  # same trained generator as ldm_sample
 }
 MIX_PREFIX = 'mix:'  # 'mix:dcgan+cdcgan_a0.25' mixes those methods' synthetic sets 1:1
+GENERATORS = tuple(dict.fromkeys(g for _, g in METHODS.values() if g))  # dcgan, cdcgan_a0.25, ..., ldm
+
+
+def per_seed_generators(sweep) -> tuple[str, ...]:
+  """The generators trained once per seed (`sweep.generators_per_seed`); the others are shared by the seeds.
+
+  '' (the default): none, every generator is trained once (seed `sweep.generator_seed`) and serves every seed;
+  'all': every generator; else a comma list of generator names (`GENERATORS`: 'ldm' is the one LDM behind
+  `ldm_sample` and `ldm_img2img`), e.g. 'dcgan,cdcgan_a0.5' trains the GANs per seed and keeps one shared LDM.
+  """
+  spec = str(sweep.get('generators_per_seed', '') or '').strip()
+  if not spec:
+    return ()
+  if spec == 'all':
+    return GENERATORS
+  names = tuple(dict.fromkeys(n.strip() for n in spec.split(',') if n.strip()))
+  for n in names:
+    if n not in GENERATORS:
+      raise UserError(
+        f'sweep.generators_per_seed={spec!r}: {n!r} is not a generator; expected "all" or names from'
+        f' {", ".join(GENERATORS)}'
+      )
+  return names
+
+
+def generator_dir(workdir: str, generator: str, seed: int, per_seed: bool) -> str:
+  """Where a generator is trained: one folder per generator, or per (generator, seed) when trained per seed."""
+  name = f'{generator}_seed_{seed}' if per_seed else generator
+  return os.path.join(workdir, 'generators', name)
 
 
 def method_config(sweep: ml_collections.ConfigDict, method: str, seed: int, workdir: str) -> ml_collections.ConfigDict:
@@ -82,9 +111,10 @@ def method_config(sweep: ml_collections.ConfigDict, method: str, seed: int, work
   edit, generator = METHODS[method]
   edit(c)
   if generator:
+    per_seed = generator in per_seed_generators(sweep)
     c.generator_tag = method
-    c.generator_seed = sweep.generator_seed
-    c.generator_dir = os.path.join(workdir, 'generators', generator)
+    c.generator_seed = seed if per_seed else sweep.generator_seed
+    c.generator_dir = generator_dir(workdir, generator, seed, per_seed)
   c.quality.reference_dir = os.path.join(workdir, 'reference')
   return config_lib.finalize(c)
 
