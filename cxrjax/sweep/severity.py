@@ -144,19 +144,22 @@ def figure(agg: dict, path: str) -> None:
       jitter = x * (1 + 0.03 * (i - len(methods) / 2))  # log axis: multiplicative offsets keep bars apart
       ax.errorbar(jitter, mean, yerr=err, marker='o', ms=3, capsize=2, lw=1, label=m)
     ax.axhline(0, color='k', lw=0.8)
-    ax.set_xscale('log')
-    ax.set_xticks(x, [f'{r}:1' for r in ratios])
+    _ratio_axis(ax, x, ratios)
     ax.set_xlabel('imbalance (majority:minority)')
     ax.set_title(f'Δ {label} vs baseline (95% CI over seeds)', fontsize=9)
   ax = axes[-1]
+  drawn = 0
   for m in methods:
     ys = [_tstr_value(agg['ratios'][r]['methods'][m].get('utility')) for r in ratios]
     if all(y is None for y in ys):
       continue
     ax.plot(x, [np.nan if y is None else y for y in ys], marker='s', ms=3, lw=1, label=m)
+    drawn += 1
+  if not drawn:
+    ax.text(0.5, 0.5, 'no generator with a TSTR record', ha='center', va='center', transform=ax.transAxes)
   ax.axhline(0.5, color='k', lw=0.8, ls=':')
-  ax.set_xscale('log')
-  ax.set_xticks(x, [f'{r}:1' for r in ratios])
+  ax.set_ylim(0.4, 1.0)
+  _ratio_axis(ax, x, ratios)
   ax.set_xlabel('imbalance (majority:minority)')
   ax.set_title('TSTR utility: trained on synthetic only,\ntested on real (balanced accuracy)', fontsize=9)
   handles, labels = axes[0].get_legend_handles_labels()
@@ -164,6 +167,13 @@ def figure(agg: dict, path: str) -> None:
   fig.tight_layout(rect=(0, 0.08, 1, 1))
   fileio.atomic_savefig(fig, path, dpi=120)
   plt.close(fig)
+
+
+def _ratio_axis(ax, x: np.ndarray, ratios) -> None:
+  ax.set_xscale('log')
+  ax.set_xlim(x.min() / 1.4, x.max() * 1.4)
+  ax.set_xticks(x, [f'{r}:1' for r in ratios])
+  ax.minorticks_off()
 
 
 def _ci(c: dict | None) -> str:
