@@ -29,7 +29,7 @@ import numpy as np
 
 from cxrjax import fileio, progress
 from cxrjax.errors import UserError
-from cxrjax.sweep import plan
+from cxrjax.sweep import plan, severity
 
 
 class _SweepClock:
@@ -84,6 +84,26 @@ def run_all(sweep: ml_collections.ConfigDict, workdir: str, backend=None) -> dic
   return records
 
 
+def run_study(study: ml_collections.ConfigDict, workdir: str, backend=None) -> dict:
+  """The severity study (a config with `ratios`): one sweep per ratio, then the study's table and figure."""
+  from cxrjax.sweep import report  # noqa: PLC0415 - heavy import (matplotlib, JAX), after flag parsing
+
+  parts = severity.sweeps(study, workdir)
+  # Validate every run's config of every ratio before anything trains.
+  for _, sweep, rdir in parts:
+    for m in plan.methods_of(sweep):
+      for s in sweep.seeds:
+        plan.method_config(sweep, m, s, rdir)
+  per_ratio = {}
+  for ratio, sweep, rdir in parts:
+    os.makedirs(rdir, exist_ok=True)
+    progress.log(f'[severity] ratio {ratio:g}:1 -> {rdir}')
+    t0 = time.time()
+    records = run_all(sweep, rdir, backend)
+    per_ratio[ratio] = (sweep, records, report.write(sweep, rdir, records, wall_time_s=time.time() - t0))
+  return severity.write(study, workdir, per_ratio)
+
+
 def main(argv: list[str]) -> None:
   from absl import flags  # noqa: PLC0415
 
@@ -112,9 +132,12 @@ def main(argv: list[str]) -> None:
     lock = fileio.WorkdirLock(workdir, jax.process_index())
     lock.acquire()
     try:
-      t0 = time.time()
-      records = run_all(sweep, workdir, backend)
-      report.write(sweep, workdir, records, wall_time_s=time.time() - t0)
+      if severity.is_study(sweep):
+        run_study(sweep, workdir, backend)
+      else:
+        t0 = time.time()
+        records = run_all(sweep, workdir, backend)
+        report.write(sweep, workdir, records, wall_time_s=time.time() - t0)
     finally:
       lock.release()
   except UserError as e:

@@ -115,7 +115,8 @@ def method_config(sweep: ml_collections.ConfigDict, method: str, seed: int, work
     c.generator_tag = method
     c.generator_seed = seed if per_seed else sweep.generator_seed
     c.generator_dir = generator_dir(workdir, generator, seed, per_seed)
-  c.quality.reference_dir = os.path.join(workdir, 'reference')
+  # A study of several sweeps shares one reference network (`reference_dir`); a sweep keeps its own.
+  c.quality.reference_dir = sweep.get('reference_dir') or os.path.join(workdir, 'reference')
   return config_lib.finalize(c)
 
 

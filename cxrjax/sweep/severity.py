@@ -1,0 +1,292 @@
+"""The imbalance-severity study: one sweep per imbalance ratio, and one table and one figure across them.
+
+  python -m cxrjax.sweep --config=configs/severity.py:cpu --workdir=runs/severity
+
+A study config is a sweep config with a `ratios` tuple. `WORKDIR/ratio_<r>/` is an
+ordinary sweep of the same methods and seeds with `experiment.imbalance.ratio = r`
+(its own runs, generators, report.md and stats.json); the reference feature network
+is shared by every ratio (`WORKDIR/reference`), because it is trained on the real full
+training split, which no ratio changes. Finished runs are skipped and interrupted ones
+resume, so the study can be run in parts and a rerun on a finished workdir only
+re-aggregates. Across ratios it writes `severity.md`, `severity.csv`, `severity.json`
+and `severity.png`: every metric per (ratio, method) with its 95% interval over seeds
+and the sweep's paired tests, and the change against the baseline in F1, balanced
+accuracy and Youden's J (paired over seeds) with the generators' TSTR utility beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cxrjax import fileio, progress
+from cxrjax.eval import stats
+from cxrjax.eval.report import TABLE_KEYS, fmt
+from cxrjax.sweep import plan
+
+# The change against the baseline is drawn for these (the study's three endpoints).
+DELTA_KEYS = (('f1', 'F1'), ('balanced_accuracy', 'balanced accuracy'), ('youden_j', "Youden's J"))
+
+
+def is_study(config: ml_collections.ConfigDict) -> bool:
+  return 'ratios' in config
+
+
+def ratio_dir(workdir: str, ratio: float) -> str:
+  return os.path.join(workdir, f'ratio_{ratio:g}')
+
+
+def ratio_sweep(study: ml_collections.ConfigDict, workdir: str, ratio: float) -> ml_collections.ConfigDict:
+  """The sweep config of one ratio: the study's, with the ratio set and the reference network shared."""
+  sweep = copy.deepcopy(study)
+  sweep.unlock()
+  del sweep['ratios']
+  sweep.experiment.imbalance.ratio = float(ratio)
+  sweep.reference_dir = os.path.join(workdir, 'reference')
+  sweep.lock()
+  return sweep
+
+
+def sweeps(study: ml_collections.ConfigDict, workdir: str) -> list[tuple[float, ml_collections.ConfigDict, str]]:
+  """(ratio, its sweep config, its folder) for every ratio of the study, in the study's order."""
+  return [(float(r), ratio_sweep(study, workdir, r), ratio_dir(workdir, r)) for r in study.ratios]
+
+
+def _per_seed(records: dict, method: str, seeds, primary: str, key: str) -> np.ndarray:
+  return np.array([records[(method, s)]['test'][primary][key] for s in seeds], np.float64)
+
+
+def _utility(record: dict) -> dict | None:
+  """The TSTR utility of a generative run's generator (absent for classic methods and older runs)."""
+  u = record.get('utility') or (record.get('generator_quality') or {}).get('utility')
+  return u if isinstance(u, dict) else None
+
+
+def _collapsed(records: dict, method: str, seeds) -> bool:
+  for s in seeds:
+    c = (records[(method, s)].get('generator_quality') or {}).get('collapse') or {}
+    if c.get('any_collapsed'):
+      return True
+  return False
+
+
+def aggregate(study: ml_collections.ConfigDict, per_ratio: dict) -> dict[str, Any]:
+  methods = plan.methods_of(study)
+  seeds = list(study.seeds)
+  out: dict[str, Any] = {'ratios': {}, 'methods': methods, 'seeds': seeds}
+  for r, (_, records, agg) in sorted(per_ratio.items()):
+    primary = agg['primary']
+    first = records[(methods[0], seeds[0])]
+    row: dict[str, Any] = {
+      'train_counts': first['data']['counts']['train_imbalanced'],
+      'test_counts': first['data']['counts']['test'],
+      'best_classic': agg.get('best_classic'),
+      'primary': primary,
+      'methods': {},
+    }
+    for m in methods:
+      a = agg['methods'][m]
+      entry: dict[str, Any] = {key: a[key] for key, _ in TABLE_KEYS if key in a}
+      if 'baseline' in methods and m != 'baseline':
+        entry['delta_vs_baseline'] = {
+          key: stats.mean_ci(
+            _per_seed(records, m, seeds, primary, key) - _per_seed(records, 'baseline', seeds, primary, key)
+          )
+          for key, _ in DELTA_KEYS
+        }
+      for ref in ('vs_baseline', 'vs_best_classic'):
+        if ref in a:
+          entry[ref] = {k: v for k, v in a[ref].items() if k.endswith('_holm') or k == 'reference'}
+          entry[ref].update({k: v['p_value'] for k, v in a[ref].items() if isinstance(v, dict) and 'p_value' in v})
+      util = _utility(records[(m, seeds[0])])
+      if util is not None:
+        entry['utility'] = util
+      if plan.METHODS.get(m, (None, None))[1] is not None:
+        entry['generator_collapsed'] = _collapsed(records, m, seeds)
+      row['methods'][m] = entry
+    out['ratios'][f'{r:g}'] = row
+  return out
+
+
+def _tstr_value(util: dict | None) -> float | None:
+  """One number for the figure: the TSTR classifier's balanced accuracy (else its AUROC) on the real test split."""
+  t = (util or {}).get('tstr') or {}
+  t = t.get('test', t)
+  for key in ('balanced_accuracy', 'auroc'):
+    if isinstance(t.get(key), (int, float)):
+      return float(t[key])
+  return None
+
+
+def figure(agg: dict, path: str) -> None:
+  import matplotlib  # noqa: PLC0415 - only the study's report draws; importing this module stays light
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  ratios = sorted(agg['ratios'], key=float)
+  x = np.array([float(r) for r in ratios])
+  methods = [m for m in agg['methods'] if m != 'baseline']
+  fig, axes = plt.subplots(1, len(DELTA_KEYS) + 1, figsize=(4.2 * (len(DELTA_KEYS) + 1), 3.8))
+  for ax, (key, label) in zip(axes, DELTA_KEYS):
+    for i, m in enumerate(methods):
+      d = [agg['ratios'][r]['methods'][m].get('delta_vs_baseline', {}).get(key) for r in ratios]
+      if any(v is None for v in d):
+        continue
+      mean = np.array([v['mean'] for v in d])
+      err = np.array([[v['mean'] - v['low'] for v in d], [v['high'] - v['mean'] for v in d]])
+      jitter = x * (1 + 0.03 * (i - len(methods) / 2))  # log axis: multiplicative offsets keep bars apart
+      ax.errorbar(jitter, mean, yerr=err, marker='o', ms=3, capsize=2, lw=1, label=m)
+    ax.axhline(0, color='k', lw=0.8)
+    _ratio_axis(ax, x, ratios)
+    ax.set_xlabel('imbalance (majority:minority)')
+    ax.set_title(f'Δ {label} vs baseline (95% CI over seeds)', fontsize=9)
+  ax = axes[-1]
+  drawn = 0
+  for m in methods:
+    ys = [_tstr_value(agg['ratios'][r]['methods'][m].get('utility')) for r in ratios]
+    if all(y is None for y in ys):
+      continue
+    ax.plot(x, [np.nan if y is None else y for y in ys], marker='s', ms=3, lw=1, label=m)
+    drawn += 1
+  if not drawn:
+    ax.text(0.5, 0.5, 'no generator with a TSTR record', ha='center', va='center', transform=ax.transAxes)
+  ax.axhline(0.5, color='k', lw=0.8, ls=':')
+  ax.set_ylim(0.4, 1.0)
+  _ratio_axis(ax, x, ratios)
+  ax.set_xlabel('imbalance (majority:minority)')
+  ax.set_title('TSTR utility: trained on synthetic only,\ntested on real (balanced accuracy)', fontsize=9)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 7), fontsize=7, frameon=False)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  fileio.atomic_savefig(fig, path, dpi=120)
+  plt.close(fig)
+
+
+def _ratio_axis(ax, x: np.ndarray, ratios) -> None:
+  ax.set_xscale('log')
+  ax.set_xlim(x.min() / 1.4, x.max() * 1.4)
+  ax.set_xticks(x, [f'{r}:1' for r in ratios])
+  ax.minorticks_off()
+
+
+def _ci(c: dict | None) -> str:
+  if not c:
+    return '-'
+  if c.get('n', 0) <= 1:
+    return fmt(c['mean'])
+  return f'{c["mean"]:.3f} ± {(c["high"] - c["low"]) / 2:.3f}'
+
+
+def _p(x) -> str:
+  return '-' if x is None or x != x else (f'{x:.3f}' if x >= 0.001 else f'{x:.1e}')
+
+
+def rows(agg: dict) -> list[dict]:
+  out = []
+  for r, row in sorted(agg['ratios'].items(), key=lambda kv: float(kv[0])):
+    for m, e in row['methods'].items():
+      item: dict[str, Any] = {'ratio': float(r), 'method': m, 'train_counts': ' / '.join(map(str, row['train_counts']))}
+      for key, _ in TABLE_KEYS:
+        if key in e:
+          item[key] = e[key]['mean']
+          item[f'{key}_ci_low'] = e[key]['low']
+          item[f'{key}_ci_high'] = e[key]['high']
+      for key, _ in DELTA_KEYS:
+        d = (e.get('delta_vs_baseline') or {}).get(key)
+        item[f'delta_{key}'] = d['mean'] if d else None
+        item[f'delta_{key}_ci_low'] = d['low'] if d else None
+        item[f'delta_{key}_ci_high'] = d['high'] if d else None
+      for ref in ('vs_baseline', 'vs_best_classic'):
+        for k, v in (e.get(ref) or {}).items():
+          if k != 'reference':
+            item[f'p_{k}_{ref}'] = v
+      item['tstr_utility'] = _tstr_value(e.get('utility'))
+      item['generator_collapsed'] = e.get('generator_collapsed')
+      out.append(item)
+  return out
+
+
+def csv_text(items: list[dict]) -> str:
+  keys: list[str] = []
+  for it in items:
+    keys += [k for k in it if k not in keys]
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=keys)
+  w.writeheader()
+  for it in items:
+    w.writerow(it)
+  return buf.getvalue()
+
+
+def markdown(study, agg: dict, workdir: str) -> str:
+  seeds = agg['seeds']
+  lines = ['# When does generation help? The imbalance-severity study', '']
+  exp = study.experiment
+  lines += [
+    f'- Ratios (majority:minority in training): {", ".join(f"{r}:1" for r in sorted(agg["ratios"], key=float))};'
+    f' methods {", ".join(agg["methods"])}; seeds {seeds} (paired: one imbalanced split per ratio,'
+    f' imbalance seed {study.data_seed}); profile `{exp.profile}`',
+    '- Per ratio, an ordinary sweep: `ratio_<r>/report.md` (Grad-CAM, curves, generator quality); the'
+    ' reference feature network is shared by the ratios.',
+    f'- Operating point `{next(iter(agg["ratios"].values()))["primary"]}`; intervals are 95% t-intervals over'
+    ' seeds; Δ is the paired per-seed difference against the baseline.',
+    f'- Run time summed over every invocation: {_minutes(workdir, agg)}',
+    '',
+    '## Δ against the baseline (mean ± 95% CI over seeds) and TSTR utility',
+    '',
+    '| ratio | minority / majority train | method | Δ F1 | Δ bal. acc. | Δ J | p Holm F1 / J vs baseline'
+    ' | p Holm F1 vs best classic | TSTR bal. acc. | collapsed |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for it in rows(agg):
+    if it['method'] == 'baseline':
+      continue
+    ratio = agg['ratios'][f'{it["ratio"]:g}']
+    counts = ratio['train_counts']
+    e = ratio['methods'][it['method']]
+    vb, vc = e.get('vs_baseline') or {}, e.get('vs_best_classic') or {}
+    d = e.get('delta_vs_baseline') or {}
+    lines.append(
+      f'| {it["ratio"]:g}:1 | {min(counts)} / {max(counts)} | {it["method"]} | {_ci(d.get("f1"))} |'
+      f' {_ci(d.get("balanced_accuracy"))} | {_ci(d.get("youden_j"))} |'
+      f' {_p(vb.get("f1_bootstrap_holm"))} / {_p(vb.get("youden_j_bootstrap_holm"))} |'
+      f' {_p(vc.get("f1_bootstrap_holm", vc.get("f1_bootstrap")))} |'
+      f' {fmt(it["tstr_utility"])} | {"yes" if it["generator_collapsed"] else ("no" if it["generator_collapsed"] is False else "-")} |'
+    )
+  lines += ['', '![severity](severity.png)', '', '## Every metric (mean ± 95% CI over seeds)', '']
+  keys = [(k, label) for k, label in TABLE_KEYS if k != 'accuracy']
+  lines += ['| ratio | method | ' + ' | '.join(label for _, label in keys) + ' |', '|' + '---|' * (len(keys) + 2)]
+  for r, row in sorted(agg['ratios'].items(), key=lambda kv: float(kv[0])):
+    for m, e in row['methods'].items():
+      lines.append(f'| {r}:1 | {m} | ' + ' | '.join(_ci(e.get(k)) for k, _ in keys) + ' |')
+  lines += ['', '## Per ratio', '']
+  for r in sorted(agg['ratios'], key=float):
+    lines.append(f'- {r}:1: [ratio_{r}/report.md](ratio_{r}/report.md), best classic method'
+                 f' `{agg["ratios"][r]["best_classic"]}`')  # fmt: skip
+  return '\n'.join(lines) + '\n'
+
+
+def _minutes(workdir: str, agg: dict) -> str:
+  total = 0.0
+  for r in agg['ratios']:
+    path = os.path.join(ratio_dir(workdir, float(r)), 'sweep_time.json')
+    if os.path.isfile(path):
+      total += fileio.read_json(path)['run_seconds']
+  return f'{total / 60:.1f} min in runs'
+
+
+def write(study, workdir: str, per_ratio: dict) -> dict:
+  agg = aggregate(study, per_ratio)
+  figure(agg, os.path.join(workdir, 'severity.png'))
+  fileio.atomic_write_json(os.path.join(workdir, 'severity.json'), agg)
+  fileio.atomic_write_text(os.path.join(workdir, 'severity.csv'), csv_text(rows(agg)))
+  fileio.atomic_write_text(os.path.join(workdir, 'severity.md'), markdown(study, agg, workdir))
+  progress.log(f'[severity] report: {os.path.join(workdir, "severity.md")}')
+  return agg

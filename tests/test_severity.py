@@ -1,0 +1,58 @@
+"""The severity study's machinery on a smoke version: one sweep per ratio, the study's outputs, and a
+rerun on the finished workdir that only re-aggregates."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, data_dir
+
+pytestmark = pytest.mark.e2e
+
+
+def study(wd):
+  env = dict(os.environ, CXRJAX_DATA_DIR=str(data_dir()))
+  return subprocess.run(
+    [sys.executable, '-m', 'cxrjax.sweep', '--config=configs/severity.py:smoke', f'--workdir={wd}'],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+  )  # fmt: skip
+
+
+def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
+  wd = tmp_path / 'severity'
+  r = study(wd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ('severity.md', 'severity.csv', 'severity.json', 'severity.png', 'ratio_3/report.md',
+               'ratio_10/report.md'):  # fmt: skip
+    assert (wd / name).is_file(), name
+  agg = json.loads((wd / 'severity.json').read_text())
+  assert sorted(agg['ratios'], key=float) == ['3', '10']
+  # Paired over seeds: the delta's mean is the mean of the per-seed differences.
+  for r in ('3', '10'):
+    per = {}
+    for m in ('baseline', 'oversample'):
+      per[m] = [
+        json.loads((wd / f'ratio_{r}' / 'runs' / m / f'seed_{s}' / 'metrics.json').read_text())['test'][
+          'threshold_0.5']['f1'] for s in (0, 1)
+      ]  # fmt: skip
+    d = agg['ratios'][r]['methods']['oversample']['delta_vs_baseline']['f1']
+    assert d['mean'] == pytest.approx(sum(a - b for a, b in zip(per['oversample'], per['baseline'])) / 2)
+    assert agg['ratios'][r]['methods']['oversample']['f1']['mean'] == pytest.approx(sum(per['oversample']) / 2)
+  # The ratio reached the training split (smoke caps it at 320 images, keeping the proportions).
+  for r in ('3', '10'):
+    normal, pneumonia = agg['ratios'][r]['train_counts']
+    assert normal + pneumonia == 320 and normal / pneumonia == pytest.approx(float(r), rel=0.05)
+  rows = list(csv.DictReader((wd / 'severity.csv').open()))
+  assert [(row['ratio'], row['method']) for row in rows] == [
+    ('3.0', 'baseline'), ('3.0', 'oversample'), ('10.0', 'baseline'), ('10.0', 'oversample')]  # fmt: skip
+  assert 'When does generation help?' in (wd / 'severity.md').read_text()
+  # Finished: a rerun trains nothing and writes the same study.
+  before = (wd / 'severity.json').read_text()
+  r = study(wd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.count('already complete') == 8 and 'epoch' not in r.stderr
+  assert (wd / 'severity.json').read_text() == before
