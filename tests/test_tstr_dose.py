@@ -239,3 +239,32 @@ def test_tstr_on_the_session_cdcgan(tmp_path, cdcgan_smoke_run, npz_path):
   assert u['synthetic_set']['derived_from_real'] == ''  # cDCGAN: from noise
   report = (wd / 'report.md').read_text()
   assert 'Utility of the synthetic data' in report and 'synthetic (TSTR)' in report and 'real (TRTS)' in report
+
+
+def test_collect_puts_quality_beside_utility(tmp_path):
+  from cxrjax.eval import collect  # noqa: PLC0415
+
+  def m(auroc, bal):
+    return {'threshold_0.5': dict(auroc=auroc, balanced_accuracy=bal), 'youden': dict(balanced_accuracy=bal, f1=0.5)}
+
+  record = dict(
+    generator=dict(kind='ldm'),
+    generator_quality=dict(per_class={'pneumonia': dict(fid=12.5, kid=dict(mean=0.004), precision=0.7, recall=0.6)}),
+    utility=dict(
+      synthetic_set=dict(derived_from_real='img2img: ...'),
+      tstr=dict(test=m(0.8, 0.7)),
+      trtr=dict(test=m(0.96, 0.9)),
+      trts=dict(test=m(0.9, 0.85)),
+    ),  # fmt: skip
+  )
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'a' / 'metrics.json').write_text(json.dumps(record))
+  row = collect.utility_table([str(tmp_path / 'a')]).splitlines()[2]
+  assert row == (
+    '| a | ldm (derived from real images) | pneumonia | 12.500 | 4.000 | 0.700 | 0.600 | 0.800 | 0.700 | 0.700 |'
+    ' 0.500 | 0.960 | 0.900 | 0.900 | 0.850 | 0.833 |'
+  )
+  (tmp_path / 'b').mkdir()
+  (tmp_path / 'b' / 'metrics.json').write_text(json.dumps(dict(record, utility=None)))
+  with pytest.raises(UserError, match='no utility record; expected a generative run with --config.quality.tstr=True'):
+    collect.utility_table([str(tmp_path / 'b')])

@@ -29,7 +29,9 @@ config and synthetic set; each classifier resumes or is skipped on its own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import os
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +95,26 @@ def trtr_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, ml_c
   ref_path, _ = reference.reference_dir(config, workdir)
   parent = os.path.dirname(os.path.abspath(ref_path))
   return os.path.join(parent, f'_trtr-{config_lib.config_hash(cfg)}'), cfg
+
+
+@contextlib.contextmanager
+def _waiting_lock(path: str):
+  """Waits for another single-process run that trains the shared folder `path`, then holds it.
+
+  The workdir lock refuses a second run outright; a shared stage waits instead. Multi-process
+  runs skip the wait (their processes train together and must not block one another).
+  """
+  if jax.process_count() > 1:
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(f'{path}.wait.lock', 'w') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      progress.log(f'[utility] waiting for another run to finish {path}')
+      fcntl.flock(f, fcntl.LOCK_EX)
+    yield
 
 
 def derived_from_real(config: ml_collections.ConfigDict, data: common.PreparedData, counts: dict[int, int]) -> str:
@@ -207,7 +229,8 @@ def evaluate(
   # TRTR: the same config on the real training split alone (shared across generators).
   path, trtr_cfg = trtr_dir(config, run.workdir)
   progress.log(f'[utility] TRTR: the classifier trained on real images only, in {path}')
-  trtr = classifier.train_and_evaluate(trtr_cfg, path, backend)
+  with _waiting_lock(path):
+    trtr = classifier.train_and_evaluate(trtr_cfg, path, backend)
 
   # TRTS: the real-trained classifiers tested on the synthetic copy.
   model, variables, _ = features_lib.load_classifier(os.path.join(path, 'export'))
