@@ -68,6 +68,10 @@ OPTIONAL_KEYS = {
   'data.sources': '',
   'data.source_duplicates': 'drop',
   'data.source_check': False,
+  'rebalance.synthetic_dose': 0.0,
+  'rebalance.dose_classes': 'minority',
+  'rebalance.synthetic_only': False,
+  'quality.tstr': False,
 }
 
 SPLIT_KEYS = ('train', 'val', 'test')
@@ -179,6 +183,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.rebalance.smote_k = 5  # SMOTE neighbours
   c.rebalance.smote_space = 'pixel'  # neighbour search: 'pixel' or 'feature' (reference network embedding)
   c.rebalance.synthetic = ''  # 'synthetic': 'path[:weight],...' (set by the generative pipelines)
+  # 'synthetic': how many synthetic images. 0: fill each class up to target_ratio of the largest. > 0: add
+  # synthetic_dose x the class's own real count to each of dose_classes ('minority': every class smaller than
+  # the largest; 'all': every class, which keeps the class ratio), target_ratio unused; e.g. 0.5, 1, 2, 4.
+  c.rebalance.synthetic_dose = 0.0
+  c.rebalance.dose_classes = 'minority'
+  # 'synthetic': train on the synthetic sets alone, as many images per class as the real training split has,
+  # no real training image (train on synthetic, test on real; the generative runs' utility stage sets it).
+  c.rebalance.synthetic_only = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'ce'
@@ -287,6 +299,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.quality.reference_limit_train = 0  # > 0: train the reference on this many rows (0: the whole real training split)
   c.quality.num_pairs = 8  # closest generated/train pairs shown
   c.quality.inception_weights = ''  # a pytorch-fid pt_inception-2015-12-05 .pth: FID on Inception pool3 too
+  # Generative runs: the generator's utility (cxrjax.trainers.utility). A synthetic copy of the real training
+  # split (every class, its real counts) trains a classifier tested on the real test split (TSTR); a classifier
+  # of the same config trained on the real training split alone (TRTR, shared beside the reference network) is
+  # tested on that synthetic set (TRTS). False: no utility stage.
+  c.quality.tstr = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 fills with the devices left over
@@ -646,6 +663,19 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(config.imbalance.minority_class >= 0, 'imbalance.minority_class', config.imbalance.minority_class, '>= 0')
   t = config.rebalance.target_ratio
   _require(0 < t <= 1, 'rebalance.target_ratio', t, 'a minority:majority ratio in (0, 1]')
+  rb = config.rebalance
+  _require(0 <= rb.synthetic_dose <= 100, 'rebalance.synthetic_dose', rb.synthetic_dose,
+           'a multiple of the real class count in [0, 100] (0: fill to rebalance.target_ratio)')  # fmt: skip
+  _one_of(config, 'rebalance.dose_classes', ('minority', 'all'))
+  _one_of(config, 'rebalance.synthetic_only', (False, True))
+  if rb.synthetic_dose > 0 or rb.synthetic_only:
+    key = 'rebalance.synthetic_dose' if rb.synthetic_dose > 0 else 'rebalance.synthetic_only'
+    _require(rb.method == 'synthetic', key, get_path(config, key), "its default unless rebalance.method='synthetic'")
+  _require(not (rb.synthetic_dose > 0 and rb.synthetic_only), 'rebalance.synthetic_dose', rb.synthetic_dose,
+           '0 with rebalance.synthetic_only (it takes the real counts)')  # fmt: skip
+  _one_of(config, 'quality.tstr', (False, True))
+  _require(not config.quality.tstr or config.trainer in ('gan', 'ldm'), 'quality.tstr', config.quality.tstr,
+           "False unless trainer is 'gan' or 'ldm' (the utility of a generator)")  # fmt: skip
 
   _one_of(config, 'gan.upsample', ('transpose', 'resize'))
   _one_of(config, 'gan.d_norm', ('batch', 'none'))

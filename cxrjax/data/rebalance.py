@@ -20,6 +20,14 @@ Methods (`config.rebalance.method`):
                  synthetic sets in `rebalance.synthetic` ('path[:weight],...'),
                  mixed in proportion to the weights (DCGAN, cDCGAN, LDM, mixes)
 `rebalance.target_ratio` is minority:majority after rebalancing (1.0: equal).
+
+How many synthetic images each class gets (`synthetic_needed`): enough to reach
+the target ratio, or, with `rebalance.synthetic_dose` > 0, the dose times the
+class's own real count, for the minority classes (every class smaller than the
+largest) or, with `rebalance.dose_classes='all'`, for every class.
+`rebalance.synthetic_only` trains on synthetic images alone (train on synthetic,
+test on real): the pool is the synthetic rows only, as many per class as the
+real training split has, and no real training row is in it.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ METHODS = ('none', 'class_weights', 'undersample', 'oversample', 'smote', 'augme
 class TrainingSet:
   """What a classifier trains on: a pool of rows and a per-epoch sampling plan."""
 
-  pool: Split  # real training rows first, then extra rows
+  pool: Split  # real training rows first, then extra rows (synthetic_only: the synthetic rows alone)
   plan: np.ndarray  # int64 pool indices for one epoch (repetition allowed)
   strong: np.ndarray  # bool per pool row: use strong augmentation
   origin: np.ndarray  # str per pool row: 'real', 'smote', 'synthetic:<tag>', ...
@@ -99,6 +107,27 @@ def _targets_down(counts: np.ndarray, target_ratio: float) -> np.ndarray:
   """Per-class counts after undersampling: no class above smallest / target_ratio."""
   cap = int(round(counts.min() / target_ratio))
   return np.minimum(counts, cap)
+
+
+def synthetic_needed(
+  counts, target_ratio: float, dose: float = 0.0, dose_classes: str = 'minority', only: bool = False
+) -> np.ndarray:
+  """Synthetic images per class, for real training counts `counts` [K].
+
+  only: the real counts themselves (a synthetic copy of the training split's class mix).
+  dose > 0: round(dose * n_c) for every dosed class c (dose_classes 'minority': the
+    classes below the largest; 'all': every class, which keeps the class ratio), 0 for the rest.
+  dose == 0: what fills each class up to target_ratio * the largest class.
+  """
+  counts = np.asarray(counts, np.int64)
+  if only:
+    return counts.copy()
+  if dose > 0:
+    if dose_classes not in ('minority', 'all'):
+      raise UserError(f"config.rebalance.dose_classes={dose_classes!r}: expected 'minority' or 'all'")
+    dosed = counts < counts.max() if dose_classes == 'minority' else np.ones(len(counts), bool)
+    return np.where(dosed, np.floor(dose * counts + 0.5), 0).astype(np.int64)
+  return _targets_up(counts, target_ratio) - counts
 
 
 def smote_samples(images: np.ndarray, n_new: int, k: int, rng: np.random.Generator, feats: np.ndarray | None = None):
@@ -210,15 +239,25 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
     details['smote_k'] = int(rebalance.smote_k)
     details['smote_space'] = 'feature (reference network)' if encoder is not None else 'pixel'
   elif method == 'synthetic':
-    targets = _targets_up(counts, rebalance.target_ratio)
+    dose = float(rebalance.get('synthetic_dose', 0.0))
+    only = bool(rebalance.get('synthetic_only', False))
+    dose_classes = rebalance.get('dose_classes', 'minority')
     sources = []
     for path, weight in synthetic.parse_sources(rebalance.synthetic):
       split, prov = synthetic.load(path)
       prov = dict(prov, path=path)
       sources.append((split, prov, weight))
-    needed = {c: int(targets[c] - counts[c]) for c in range(num_classes)}
+    need = synthetic_needed(counts, rebalance.target_ratio, dose, dose_classes, only)
+    needed = {c: int(need[c]) for c in range(num_classes)}
     extra, origins, summary = synthetic.draw(sources, needed, train.images.shape[1:], rng)
-    if extra is not None:
+    if only:
+      # Train on synthetic: the real rows leave the pool; the synthetic rows are all of it.
+      if extra is None:
+        raise UserError('config.rebalance.synthetic_only: the synthetic sets gave no image; expected every class')
+      pool = dataclasses.replace(extra, sources=origins.astype(str))
+      origin = origins.astype(object)
+      strong = np.zeros(len(extra), bool)
+    elif extra is not None:
       pool = concat(pool, dataclasses.replace(extra, sources=origins.astype(str)))  # 'synthetic:<tag>', as origin
       origin = np.concatenate([origin, origins.astype(object)])
       strong = np.concatenate([strong, np.zeros(len(extra), bool)])
@@ -227,8 +266,13 @@ def build_training_set(train: Split, num_classes: int, rebalance, seed: int, enc
       sources=[dict(path=p['path'], weight=w, tag=p.get('tag'), generator=p.get('generator')) for _, p, w in sources],
       drawn=summary,
     )
+    if only:
+      details['synthetic_only'] = True
+    if dose > 0:
+      details['synthetic_dose'] = dict(dose=dose, classes=dose_classes, added=[int(n) for n in need])
   ts = TrainingSet(pool, plan, strong, origin.astype(str), weights, method, details)
-  ts.details['target_ratio'] = float(rebalance.target_ratio) if method not in ('none', 'class_weights') else None
+  ratio_used = method not in ('none', 'class_weights') and not (method == 'synthetic' and (dose > 0 or only))
+  ts.details['target_ratio'] = float(rebalance.target_ratio) if ratio_used else None
   return ts
 
 

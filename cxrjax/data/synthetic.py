@@ -116,7 +116,7 @@ def draw(
       if len(idx) < n:
         raise UserError(
           f'synthetic set {prov.get("path", tag)} has {len(idx)} images of class {c}; {n} are needed'
-          ' (generate more, or lower rebalance.target_ratio)'
+          ' (generate more, or lower rebalance.target_ratio or rebalance.synthetic_dose)'
         )
       take = np.sort(rng.choice(idx, size=n, replace=False))
       parts.append(split.take(take))

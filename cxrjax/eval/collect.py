@@ -3,6 +3,7 @@
   python -m cxrjax.eval.collect runs/issue3/*            # binary: poster's metrics + more
   python -m cxrjax.eval.collect --per-class runs/kermany3/*
   python -m cxrjax.eval.collect --summary runs/full/seed_*  # + median and mean ± sd rows over seeds
+  python -m cxrjax.eval.collect --utility runs/tstr-*      # generative runs: FID... beside TSTR/TRTS
 
 Each row is a workdir (generative runs: their top-level metrics.json); the test
 metrics are at threshold 0.5 (binary) or arg-max (K classes), with F1 and
@@ -10,6 +11,11 @@ balanced accuracy and accuracy also at the Youden threshold chosen on validation
 (binary). With `--summary` (runs of one method over several seeds), two rows
 follow: the median and the mean ± sample standard deviation of every metric
 column, over the runs that have it (with n when that is not all of them).
+With `--utility` (generative runs with quality.tstr), one row per run: the
+synthetic set's quality per synthesized class (FID, KID, precision, recall on
+the reference network) beside its utility: train on synthetic / test on real
+(TSTR), the same classifier trained on real (TRTR), and that one tested on the
+synthetic copy (TRTS).
 """
 
 from __future__ import annotations
@@ -81,14 +87,47 @@ def table(workdirs: list[str], per_class: bool = False, summary: bool = False) -
   return out
 
 
+UTILITY_HEAD = ('run', 'generator', 'class', 'FID', 'KID x1e3', 'precision', 'recall', 'TSTR AUROC', 'TSTR bal. acc',
+                'TSTR bal. acc @Youden', 'TSTR F1 @Youden', 'TRTR AUROC', 'TRTR bal. acc @Youden', 'TRTS AUROC',
+                'TRTS bal. acc', 'TSTR / TRTR AUROC')  # fmt: skip
+
+
+def utility_table(workdirs: list[str]) -> str:
+  """Generator quality beside utility, one row per (run, synthesized class) (module docstring)."""
+  lines = ['| ' + ' | '.join(UTILITY_HEAD) + ' |', '|' + '---|' * len(UTILITY_HEAD)]
+  common = os.path.commonpath([os.path.abspath(w) for w in workdirs]) if len(workdirs) > 1 else None
+  for wd in workdirs:
+    m = load(wd)
+    u = m.get('utility')
+    if u is None:
+      raise UserError(f'{wd}: no utility record; expected a generative run with --config.quality.tstr=True')
+    name = os.path.relpath(os.path.abspath(wd), common) if common else os.path.basename(os.path.normpath(wd))
+    name += ' (PHANTOM)' if m.get('phantom') else ''
+    gen = m['generator'].get('kind', '?') + (
+      ' (derived from real images)' if u['synthetic_set'].get('derived_from_real') else ''
+    )
+    t5, ty = u['tstr']['test']['threshold_0.5'], u['tstr']['test'].get('youden') or {}
+    r5, ry = u['trtr']['test']['threshold_0.5'], u['trtr']['test'].get('youden') or {}
+    s5 = u['trts']['test']['threshold_0.5']
+    ratio = t5['auroc'] / r5['auroc'] if r5.get('auroc') else None
+    util = [t5.get('auroc'), t5.get('balanced_accuracy'), ty.get('balanced_accuracy'), ty.get('f1'), r5.get('auroc'),
+            ry.get('balanced_accuracy'), s5.get('auroc'), s5.get('balanced_accuracy'), ratio]  # fmt: skip
+    for cls, q in (m.get('generator_quality') or {}).get('per_class', {}).items():
+      kid = (q.get('kid') or {}).get('mean')
+      quality = [q.get('fid'), None if kid is None else 1e3 * kid, q.get('precision'), q.get('recall')]
+      lines.append('| ' + ' | '.join([name, gen, cls] + [_f(v) for v in quality + util]) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('workdirs', nargs='+')
   p.add_argument('--per-class', action='store_true', help='also one row per class (K-class runs)')
   p.add_argument('--summary', action='store_true', help='also the median and mean ± sd of every column (seeds)')
+  p.add_argument('--utility', action='store_true', help='generator quality beside TSTR/TRTR/TRTS (quality.tstr runs)')
   args = p.parse_args(argv)
   try:
-    print(table(args.workdirs, args.per_class, args.summary))
+    print(utility_table(args.workdirs) if args.utility else table(args.workdirs, args.per_class, args.summary))
   except UserError as e:
     print(f'cxrjax: error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -117,6 +117,16 @@ def data_section(data: dict) -> list[str]:
   lines.append(
     f'- Rebalancing: `{rb["method"]}`; class weights {rb["class_weights"]}; per-epoch origin {rb["origin_counts"]}'
   )
+  if rb.get('synthetic_dose'):
+    d = rb['synthetic_dose']
+    lines.append(
+      f'- Synthetic dose: {d["dose"]:g} x the real count of {"every class" if d["classes"] == "all" else "each minority class"}'
+      f' (rebalance.target_ratio unused): synthetic images added per class {d["added"]}'
+    )
+  if rb.get('synthetic_only'):
+    lines.append(
+      '- **Trained on synthetic images only** (rebalance.synthetic_only): no real training image; val and test are real'
+    )
   if any(data.get('leakage', {}).values()):
     lines.append(f'- Identical images across splits in the source data (reported, not removed): {data["leakage"]}')
   lines += ['', '| split | ' + ' | '.join(names) + ' | total |', '|' + '---|' * (len(names) + 2)]
@@ -330,9 +340,16 @@ def generative_report(record: dict, class_names) -> str:
     f'- Config hash `{run["config_hash"]}`, profile `{run["profile"]}`, seed {run["seed"]}, commit `{run["cxrjax_commit"]}`',
     f'- Generator: {gen.get("description", gen.get("kind"))}; trained {gen.get("step")} steps,'
     f' {gen.get("wall_time_s", 0):.0f} s',
-    f'- Synthetic set: {record["synthetic"]["count"]} images, `{record["synthetic"]["path"]}`',
-    '',
+    f'- Synthetic set: {record["synthetic"]["count"]} images, `{record["synthetic"]["path"]}`'
+    + (f'; per class {record["synthetic"]["per_class"]}' if record['synthetic'].get('per_class') else ''),
   ]
+  dose = record['synthetic'].get('dose')
+  if dose:
+    lines.append(
+      f'- Synthetic dose: {dose["dose"]:g} x the real count of'
+      f' {"every class" if dose["classes"] == "all" else "each minority class"}'
+    )
+  lines.append('')
   lines += data_section(record['data'])
   lines += ['', '## Synthetic image quality', '', f'Features: {q["features"]["network"]}'
             f' (width {q["features"]["width"]}, test AUROC {q["features"]["reference_test_auroc"]:.3f}), `{q["features"]["path"]}`', '']  # fmt: skip
@@ -371,5 +388,46 @@ def generative_report(record: dict, class_names) -> str:
   lines += ['## Classifier on real + synthetic (tested on real images only)', '']
   rows = {f'test @ {key}': m for key, m in test.items()}
   lines += [metrics_table(rows), '', 'Full classifier report: [classifier/report.md](classifier/report.md)', '']
+  if record.get('utility'):
+    lines += utility_lines(record['utility'])
   lines += source_check_lines(record['data'])
   return '\n'.join(lines)
+
+
+UTILITY_KEYS = (('auroc', 'AUROC'), ('balanced_accuracy', 'Bal. acc.'), ('f1', 'F1'), ('sensitivity', 'Sens.'),
+                ('specificity', 'Spec.'), ('mcc', 'MCC'), ('youden_j', "Youden's J"))  # fmt: skip
+
+
+def utility_lines(u: dict) -> list[str]:
+  """report.md's utility section: train on synthetic / test on real (TSTR), the mirror (TRTS), TRTR."""
+  syn = u['synthetic_set']
+  lines = [
+    '## Utility of the synthetic data (train on synthetic, test on real)',
+    '',
+    f'A synthetic copy of the real training split, every class at its real count ({syn["per_class"]},'
+    f' {syn["count"]} images, `{syn["path"]}`), trained a classifier alone (TSTR); a classifier of the same'
+    ' config trained on the real training split alone (TRTR) was tested on the real test split and on that'
+    ' synthetic copy (TRTS). Validation (checkpoint and threshold choice) is real for all.',
+    '',
+  ]
+  if syn.get('derived_from_real'):
+    lines += [f'**Derived from real images:** {syn["derived_from_real"]}', '']
+  head = '| trained on | tested on | network | ' + ' | '.join(label for _, label in UTILITY_KEYS) + ' |'
+  lines += [head, '|' + '---|' * (len(UTILITY_KEYS) + 3)]
+  rows = (('synthetic (TSTR)', 'real test', u['tstr']), ('real (TRTR)', 'real test', u['trtr']),
+          ('real (TRTS)', 'synthetic copy', u['trts']), ('real, full split', 'real test', u['trtr_reference']),
+          ('real, full split', 'synthetic copy', u['trts_reference']))  # fmt: skip
+  for trained, tested, part in rows:
+    for key, m in part['test'].items():
+      vals = ' | '.join(fmt(m.get(name)) for name, _ in UTILITY_KEYS)
+      lines.append(f'| {trained} | {tested} @ {key} | {part["network"]} | {vals} |')
+  check = u['provenance_check']
+  lines += [
+    '',
+    f'TSTR training rows by origin: {check["origin_counts"]} (real rows: {check["real_rows"]}); synthetic images'
+    f' pixel-identical to a real training image: {check["pixel_copies_of_real_training_images"]}.'
+    " TRTS metrics use the generator's labels as truth: a low TRTS says the images do not look like their class"
+    ' to a classifier that learnt it from real images.',
+    '',
+  ]
+  return lines

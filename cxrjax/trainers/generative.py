@@ -6,7 +6,12 @@
   3. judge them: FID/KID/precision/recall on reference-network features and a
      memorization audit                                      -> workdir/gen_metrics.json
   4. train the classifier on real + synthetic, test on real  -> workdir/classifier/
+     with quality.tstr, the generator's utility: train on synthetic / test on real and
+     the mirror (`cxrjax.trainers.utility`)                  -> workdir/utility/
   5. one report                                              -> workdir/report.md, metrics.json
+
+How many images stage 2 makes per class is `needed_per_class`: up to
+rebalance.target_ratio, or rebalance.synthetic_dose x the real count of each dosed class.
 
 Each stage is skipped when its output exists for the same config and resumes
 when it was interrupted. The classifier stage is the ordinary classifier
@@ -27,11 +32,11 @@ import numpy as np
 from cxrjax import config_lib, faults, fileio, progress
 from cxrjax import mesh as mesh_lib
 from cxrjax.backends.base import Backend
-from cxrjax.data import synthetic
+from cxrjax.data import rebalance, synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
 from cxrjax.eval import genquality, inception_features, report
-from cxrjax.trainers import classifier, common, gan, ldm, reference
+from cxrjax.trainers import classifier, common, gan, ldm, reference, utility
 
 # The generator kinds, by trainer name: a module with
 # `train(config, gen_dir, data, mesh, needed, backend) -> (record, handle)` and
@@ -42,11 +47,14 @@ GENERATORS = {
 }
 
 
-def needed_per_class(train_counts: list[int], target_ratio: float) -> dict[int, int]:
-  """How many synthetic images each class needs to reach target_ratio of the largest."""
-  counts = np.asarray(train_counts)
-  goal = int(round(target_ratio * counts.max()))
-  return {c: max(goal - int(n), 0) for c, n in enumerate(counts)}
+def needed_per_class(
+  train_counts: list[int], target_ratio: float, dose: float = 0.0, dose_classes: str = 'minority'
+) -> dict[int, int]:
+  """How many synthetic images each class gets: up to target_ratio of the largest class, or with
+  dose > 0, dose x its real count for each of dose_classes (`rebalance.synthetic_needed`, which the
+  classifier's training set uses too)."""
+  need = rebalance.synthetic_needed(train_counts, target_ratio, dose, dose_classes)
+  return {c: int(n) for c, n in enumerate(need)}
 
 
 def _base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -61,6 +69,7 @@ def classifier_config(config: ml_collections.ConfigDict, synthetic_path: str) ->
   cls = copy.deepcopy(config)
   cls.unlock()
   cls.trainer = 'classifier'
+  cls.quality.tstr = False  # the utility stage is the generative run's, not the classifier's
   cls.rebalance.method = 'synthetic'
   cls.rebalance.synthetic = synthetic_path
   return config_lib.finalize(cls)
@@ -90,7 +99,8 @@ def train_and_evaluate(
   base_cfg = _base_config(config)
   data = common.prepare_data(base_cfg)
   k = data.num_classes
-  needed = needed_per_class(data.train.class_counts(k), config.rebalance.target_ratio)
+  rb = config.rebalance
+  needed = needed_per_class(data.train.class_counts(k), rb.target_ratio, rb.synthetic_dose, rb.dose_classes)
 
   run = common.Run(config, workdir).open()
   try:
@@ -131,6 +141,12 @@ def train_and_evaluate(
     # 4. classifier on real + synthetic
     cls_cfg = classifier_config(config, syn_path)
     record = classifier.train_and_evaluate(cls_cfg, run.path('classifier'), backend)
+    # 4b. the generator's utility: train on synthetic / test on real, and the mirror
+    utility_record = None
+    if config.quality.tstr:
+      utility_record = utility.evaluate(
+        config, run, data, generator, gen_dir, mesh, backend, provenance, dict(synthetic_provenance=prov)
+      )
 
     # 5. report
     record = dict(record)
@@ -138,12 +154,24 @@ def train_and_evaluate(
     record['run'] = common.run_info(config, backend)
     record['generator'] = gen_info
     record['generator_quality'] = quality
-    record['synthetic'] = dict(path=syn_path, provenance=prov, count=len(syn_split))
+    record['synthetic'] = dict(path=syn_path, provenance=prov, count=len(syn_split),
+                               per_class={data.dataset.class_names[c]: n for c, n in needed.items()},
+                               dose=synthetic_dose(config))  # fmt: skip
+    if utility_record is not None:
+      record['utility'] = utility_record
     if jax.process_index() == 0:
       write_report(run, record, data, syn_split)
     return record
   finally:
     run.close()
+
+
+def synthetic_dose(config) -> dict[str, Any] | None:
+  """The dose a run asked for (None: fill to rebalance.target_ratio)."""
+  rb = config.rebalance
+  if not rb.synthetic_dose:
+    return None
+  return dict(dose=float(rb.synthetic_dose), classes=rb.dose_classes)
 
 
 def inception_quality(model, variables, real: np.ndarray, gen: np.ndarray, seed: int) -> dict:
