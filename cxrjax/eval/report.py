@@ -336,7 +336,7 @@ def collapse_lines(collapse: dict) -> list[str]:
   unjudged = [n for n, v in collapse['verdicts'].items() if v == 'cannot_judge']
   if unjudged:
     lines.append('Not judged for collapse: ' + '; '.join(f'{n} ({collapse["reasons"][n]})' for n in unjudged) + '.')
-  return [*lines, rule, '']
+  return [line for par in (*lines, rule) for line in (par, '')]
 
 
 def generative_report(record: dict, class_names) -> str:

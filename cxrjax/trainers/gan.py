@@ -250,7 +250,7 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
   if batch != g.batch_size:
     progress.log(
       f'[gan:{name}] {len(images_split)} training images, fewer than a batch of {g.batch_size}:'
-      f' training on batches of {batch} (every image in every batch; gan.batch_size unchanged)'
+      f' training on batches of {batch} (gan.batch_size unchanged)'
     )
   sample = make_sampler(gen, k)
   fixed_z = jax.random.normal(seeding.jax_key(gseed, 'gan/grid'), (64, g.latent_dim))
