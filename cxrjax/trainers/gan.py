@@ -13,7 +13,11 @@ options DiffAugment (Zhao et al. 2020) and an R1 penalty (Mescheder et al.
 2018) for small data. Training stops with a clear message when the loss turns
 NaN/Inf or when the discriminator wins completely for `gan.collapse_patience`
 reports in a row (evidence in the message and the log); the last good
-checkpoint is kept.
+checkpoint is kept. A generator with fewer training images than
+`gan.batch_size` (a minority of a dozen images) trains on batches of all of
+them (`generator_batch`, recorded per generator as `batch_size`). The sample
+grids' titles give the diversity within each class (pixels, against real
+images of that class), since a grid mixing classes hides a collapse.
 """
 
 from __future__ import annotations
