@@ -92,6 +92,12 @@ RUNTIME_KEYS = (
   'checkpoint_every_steps',
   'overwrite',
   'generator_dir',
+  # The collapse verdict is re-derived from gen_metrics.json's numbers on every run, and the
+  # gate decides only whether stage 4 runs: changing them must not redo a generator.
+  'quality.collapse_min_diversity',
+  'quality.collapse_min_recall',
+  'quality.collapse_min_real',
+  'quality.on_collapse',
 )
 
 
@@ -304,6 +310,14 @@ def base_config() -> ml_collections.ConfigDict:
   # of the same config trained on the real training split alone (TRTR, shared beside the reference network) is
   # tested on that synthetic set (TRTS). False: no utility stage.
   c.quality.tstr = False
+  # Mode collapse, judged per synthesized class on the reference network's features
+  # (genquality.collapse_verdicts): collapsed when within-class recall or the generated/real
+  # mean-pairwise-distance ratio falls below these; below collapse_min_real real images of the
+  # class the verdict is 'cannot_judge'.
+  c.quality.collapse_min_recall = 0.25
+  c.quality.collapse_min_diversity = 0.4
+  c.quality.collapse_min_real = 20
+  c.quality.on_collapse = 'stop'  # a collapsed class: 'stop' before the classifier (exit 2) or 'continue' (flagged)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 fills with the devices left over
@@ -338,6 +352,9 @@ def with_profile(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
     config.quality.reference_width = 4
     config.quality.reference_epochs = 1
     config.quality.reference_limit_train = 1024
+    # A 20-step smoke generator is collapsed by construction: the verdict is recorded and
+    # flagged, and the pipeline goes on (what a smoke run is for).
+    config.quality.on_collapse = 'continue'
   _generator_profile(config, profile)
   return config
 
@@ -736,6 +753,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(config.num_epochs >= 1, 'num_epochs', config.num_epochs, '>= 1')
   q = config.quality
   _require(q.reference_limit_train >= 0, 'quality.reference_limit_train', q.reference_limit_train, '>= 0')
+  _require(0 <= q.collapse_min_recall <= 1, 'quality.collapse_min_recall', q.collapse_min_recall, 'in [0, 1]')
+  _require(q.collapse_min_diversity >= 0, 'quality.collapse_min_diversity', q.collapse_min_diversity, '>= 0')
+  _require(q.collapse_min_real >= 2, 'quality.collapse_min_real', q.collapse_min_real, '>= 2')
+  _one_of(config, 'quality.on_collapse', ('stop', 'continue'))
   _require(config.log_every_steps >= 1, 'log_every_steps', config.log_every_steps, '>= 1')
   _require(config.checkpoint_every_steps >= 0, 'checkpoint_every_steps', config.checkpoint_every_steps, '>= 0')
   _require(config.mesh.data == -1 or config.mesh.data >= 1, 'mesh.data', config.mesh.data, '-1 or >= 1')

@@ -596,3 +596,107 @@ def summary(
   if train_images is not None:
     out['memorization'] = memorization_audit(train_images, gen_images, train_feats, gen_feats, num_pairs)
   return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Diversity and mode collapse, within one class
+
+# Rows beyond this are subsampled (seeded) for the mean pairwise distance: its standard error
+# is already small at 1000 rows, and the full matrix of a few thousand images is not needed.
+DIVERSITY_MAX_ROWS = 1000
+
+OK, COLLAPSED, CANNOT_JUDGE = 'ok', 'collapsed', 'cannot_judge'
+
+
+def pixel_rows(images, name: str = 'images') -> np.ndarray:
+  """Images [N, H, W(, C)] (uint8, or float in [-1, 1]) -> flattened float32 rows on the [-1, 1] scale."""
+  return _to_unit(_check_images(images, name))
+
+
+def mean_pairwise_distance(rows, *, max_rows: int = DIVERSITY_MAX_ROWS, seed: int = 0) -> float:
+  """Mean L2 distance between distinct rows (pairs i != j) of [N, D]; 0 for fewer than 2 rows.
+
+  Sets larger than `max_rows` are subsampled without replacement (seeded).
+  """
+  x = _features(rows, 'diversity rows')
+  if len(x) > max_rows:
+    x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))]
+  n = len(x)
+  if n < 2:
+    return 0.0
+  sq = _sq_norms(x)
+  total = 0.0
+  for rows_ in _row_blocks(n, n):
+    d = _sq_dist_block(x[rows_], sq[rows_], x, sq)
+    local = np.arange(rows_.stop - rows_.start)
+    d[local, local + rows_.start] = 0.0
+    total += float(np.sqrt(d).sum())
+  return total / (n * (n - 1))
+
+
+def diversity(real_rows, gen_rows, *, max_rows: int = DIVERSITY_MAX_ROWS, seed: int = 0) -> dict:
+  """Mean pairwise distance of generated rows relative to real rows of the same class.
+
+  About 1 when the generated set spreads like the real one; 0 when every
+  generated row is the same. Rows are features [N, D] or `pixel_rows`.
+
+  Returns:
+    dict(real, generated, ratio); ratio is NaN when the real rows do not differ.
+  """
+  real, gen = _features(real_rows, 'diversity real'), _features(gen_rows, 'diversity generated')
+  _same_dim(real, gen, 'diversity')
+  d_real = mean_pairwise_distance(real, max_rows=max_rows, seed=seed)
+  d_gen = mean_pairwise_distance(gen, max_rows=max_rows, seed=seed)
+  return dict(real=d_real, generated=d_gen, ratio=d_gen / d_real if d_real > 0 else math.nan)
+
+
+def collapse_verdicts(per_class: dict, *, min_diversity: float, min_recall: float, min_real: int) -> dict:
+  """Mode collapse, judged per class from within-class recall and diversity.
+
+  A class is 'collapsed' when its generated images cover too little of its
+  real images (`recall` < min_recall: improved recall, k-NN balls around the
+  generated features, against all real images of the class) or spread too
+  little (`diversity['features']['ratio']` < min_diversity: mean pairwise
+  feature distance of the generated images over that of the real ones).
+  Below `min_real` real images (or `k` + 1 generated ones) the k-NN
+  manifolds are too thin to tell, and the verdict is 'cannot_judge'.
+
+  Args:
+    per_class: class name -> a `summary` dict with `recall`, `k`, `num_real`,
+      `num_generated` and `diversity` (as `judge` in cxrjax.trainers.generative writes).
+    min_diversity: smallest feature-diversity ratio that is not collapse.
+    min_recall: smallest recall that is not collapse.
+    min_real: fewest real images of a class that can be judged.
+
+  Returns:
+    dict(any_collapsed, classes (the collapsed ones, in order), verdicts
+    {name: 'ok' | 'collapsed' | 'cannot_judge'}, reasons {name: words},
+    thresholds).
+  """
+  verdicts, reasons = {}, {}
+  for name, s in per_class.items():
+    n_real, n_gen, k = int(s['num_real']), int(s['num_generated']), int(s.get('k', 3))
+    recall = float(s['recall'])
+    div = float(s['diversity']['features']['ratio'])
+    if n_real < min_real or n_gen <= k:
+      verdicts[name] = CANNOT_JUDGE
+      reasons[name] = (
+        f'cannot judge: {n_real} real and {n_gen} generated images of the class'
+        f' (needs >= {min_real} real and > {k} generated)'
+      )
+      continue
+    low = []
+    if recall < min_recall:
+      low.append(f'recall {recall:.3f} < {min_recall:g} (the generated images cover little of the real class)')
+    if not div >= min_diversity:  # NaN (real images all identical) counts as too little
+      low.append(f'feature diversity {div:.2f} x real < {min_diversity:g} (the generated images are near-copies)')
+    verdicts[name] = COLLAPSED if low else OK
+    reasons[name] = '; '.join(low) if low else f'recall {recall:.3f}, feature diversity {div:.2f} x real'
+  collapsed = [name for name, v in verdicts.items() if v == COLLAPSED]
+  return dict(
+    any_collapsed=bool(collapsed),
+    classes=collapsed,
+    verdicts=verdicts,
+    reasons=reasons,
+    thresholds=dict(min_diversity=float(min_diversity), min_recall=float(min_recall), min_real=int(min_real)),
+  )

@@ -327,6 +327,28 @@ def real_vs_synthetic_grid(train, syn, class_names, path: str, phantom: bool = F
   plt.close(fig)
 
 
+def collapse_lines(collapse: dict) -> list[str]:
+  """The report's mode-collapse paragraph: a flag when a class collapsed, the thresholds always."""
+  if not collapse:
+    return []
+  t = collapse['thresholds']
+  rule = (
+    f'Mode collapse is judged per class: collapsed when recall < {t["min_recall"]:g} or feature diversity'
+    f' < {t["min_diversity"]:g} x real; with fewer than {t["min_real"]} real images the check cannot judge.'
+  )
+  lines = []
+  if collapse['any_collapsed']:
+    reasons = '; '.join(f'{n}: {collapse["reasons"][n]}' for n in collapse['classes'])
+    lines.append(
+      f'**MODE COLLAPSE in {", ".join(collapse["classes"])}** ({reasons}). The classifier below was trained on'
+      ' this synthetic set anyway (`quality.on_collapse=continue`): read its numbers with that in mind.'
+    )
+  unjudged = [n for n, v in collapse['verdicts'].items() if v == 'cannot_judge']
+  if unjudged:
+    lines.append('Not judged for collapse: ' + '; '.join(f'{n} ({collapse["reasons"][n]})' for n in unjudged) + '.')
+  return [line for par in (*lines, rule) for line in (par, '')]
+
+
 def generative_report(record: dict, class_names) -> str:
   """report.md of a generative run: generator, sample quality, classifier metrics."""
   phantom = record['phantom']
@@ -353,30 +375,38 @@ def generative_report(record: dict, class_names) -> str:
   lines += data_section(record['data'])
   lines += ['', '## Synthetic image quality', '', f'Features: {q["features"]["network"]}'
             f' (width {q["features"]["width"]}, test AUROC {q["features"]["reference_test_auroc"]:.3f}), `{q["features"]["path"]}`', '']  # fmt: skip
-  lines += ['| class | n gen | FID | FID real-vs-real | KID (x1e3) | precision | recall | density | coverage | memorized (pixel) | memorized (feature) | exact copies |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|']  # fmt: skip
+  collapse = q.get('collapse') or {}
+  lines += collapse_lines(collapse)
+  lines += ['| class | n gen | FID | FID real-vs-real | KID (x1e3) | precision | recall | density | coverage | memorized (pixel) | memorized (feature) | exact copies | diversity (feature) | diversity (pixel) | collapse |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']  # fmt: skip
   for name, s in q['per_class'].items():
     mem = s.get('memorization') or {}
     pix = (mem.get('pixel') or {}).get('share_closer')
     feat = (mem.get('features') or {}).get('share_closer')
+    div = s.get('diversity') or {}
     lines.append(
       f'| {name} | {s["num_generated"]} | {fmt(s["fid"], 2)} | {fmt(s["fid_real_seen_vs_real_all"], 2)} |'
       f' {fmt(1e3 * s["kid"]["mean"], 2)} | {fmt(s["precision"])} | {fmt(s["recall"])} | {fmt(s["density"])} |'
       f' {fmt(s["coverage"])} | {fmt(pix)} | {fmt(feat)} | {mem.get("exact_copies", "-")} |'
+      f' {fmt((div.get("features") or {}).get("ratio"), 2)} | {fmt((div.get("pixel") or {}).get("ratio"), 2)} |'
+      f' {(collapse.get("verdicts") or {}).get(name, "-")} |'
     )
   for name, s in q['per_class'].items():
     if s.get('inception'):
       i = s['inception']
       lines.append(
         f'| {name} (Inception pool3) | | {fmt(i["fid"], 2)} | | {fmt(1e3 * i["kid"]["mean"], 2)} |'
-        f' {fmt(i["precision"])} | {fmt(i["recall"])} | | | | | |'
+        f' {fmt(i["precision"])} | {fmt(i["recall"])} | | | | | | | | |'
       )
   lines += [
     '',
     'FID/KID/precision/recall compare the synthetic images with all real training images of the class;'
     ' "FID real-vs-real" is the FID between the images the generator saw and all real images of the class,'
     ' a floor for this sample size. "Memorized" is the share of synthetic images closer to their nearest'
-    ' training image than 95% of training images are to theirs (about 0.05 when nothing is copied).',
+    ' training image than 95% of training images are to theirs (about 0.05 when nothing is copied).'
+    ' "Diversity" is the mean pairwise distance of the synthetic images of the class over that of its real'
+    ' images (about 1 when they spread alike, 0 for one image repeated), on the features above and in pixels;'
+    ' "collapse" is the verdict from within-class recall and feature diversity.',
     '',
   ]
   for name, s in q['per_class'].items():

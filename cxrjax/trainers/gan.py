@@ -13,11 +13,16 @@ options DiffAugment (Zhao et al. 2020) and an R1 penalty (Mescheder et al.
 2018) for small data. Training stops with a clear message when the loss turns
 NaN/Inf or when the discriminator wins completely for `gan.collapse_patience`
 reports in a row (evidence in the message and the log); the last good
-checkpoint is kept.
+checkpoint is kept. A generator with fewer training images than
+`gan.batch_size` (a minority of a dozen images) trains on batches of all of
+them (`generator_batch`, recorded per generator as `batch_size`). The sample
+grids' titles give the diversity within each class (pixels, against real
+images of that class), since a grid mixing classes hides a collapse.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -30,7 +35,8 @@ import optax
 from cxrjax import config_lib, progress, seeding
 from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
-from cxrjax.eval import report
+from cxrjax.errors import UserError
+from cxrjax.eval import genquality, report
 from cxrjax.models import DTYPES
 from cxrjax.models.dcgan import Discriminator, Generator
 from cxrjax.models.layers import STOCK, Layers
@@ -244,12 +250,24 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
   gen = prog.modules['generator']
   k = num_classes if g.conditional else 0
 
+  batch = generator_batch(g.batch_size, len(images_split), mesh.devices.size)
+  if batch != g.batch_size:
+    progress.log(
+      f'[gan:{name}] {len(images_split)} training images, fewer than a batch of {g.batch_size}:'
+      f' training on batches of {batch} (gan.batch_size unchanged)'
+    )
   sample = make_sampler(gen, k)
   fixed_z = jax.random.normal(seeding.jax_key(gseed, 'gan/grid'), (64, g.latent_dim))
   # Grid rows of 8 cycle through the classes: row r shows class r % k.
-  fixed_y = jnp.asarray((np.arange(64) // 8) % max(k, 1), jnp.int32) if k else None
-  real_ref = images_split.images[:64].reshape(min(64, len(images_split)), -1).astype(np.float32)
-  real_div = _diversity(real_ref)
+  grid_y = (np.arange(64) // 8) % max(k, 1)
+  fixed_y = jnp.asarray(grid_y, jnp.int32) if k else None
+  # Diversity is judged within each class the grid shows (a mixed-class grid hides a collapse):
+  # the grid's images of a class against up to 64 real training images of that class.
+  shown = {c: class_names[c] for c in sorted(set(grid_y.tolist()))} if k else {None: name}
+  real_div = {}
+  for c in shown:
+    real = images_split.images if c is None else images_split.images[images_split.labels == c]
+    real_div[c] = genquality.mean_pairwise_distance(genquality.pixel_rows(real[:64])) if len(real) else 0.0
   streak: list[dict] = []
 
   def watch(step, state, m):
@@ -267,13 +285,23 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
       )
     if (step % g.sample_every == 0 or step == g.steps) and jax.process_index() == 0:
       imgs = np.asarray(sample(state.g_ema, fixed_z, fixed_y))
-      div = _diversity(imgs.reshape(len(imgs), -1).astype(np.float32)[: len(real_ref)])
-      m['diversity_ratio'] = div / max(real_div, 1e-9)
-      label = f'rows cycle classes {", ".join(class_names)}' if k else f'class {name}'
-      report.save_image_grid(
-        imgs, os.path.join(workdir, 'samples', f'step_{step:06d}.png'), nrow=8,
-        title=f'DCGAN samples (EMA), step {step}, {label}; diversity {m["diversity_ratio"]:.2f} x real',
-      )  # fmt: skip
+      ratios = {}
+      for c, cname in shown.items():
+        own = imgs if c is None else imgs[grid_y == c]
+        if real_div[c] > 0:
+          ratios[cname] = genquality.mean_pairwise_distance(genquality.pixel_rows(own)) / real_div[c]
+      worst = min(ratios, key=ratios.get) if ratios else None
+      if worst is not None:
+        m['diversity_ratio'] = ratios[worst]  # the lowest class's
+      if not k:
+        div = f'diversity {ratios[worst]:.2f} x real' if worst else 'diversity: no real reference'
+        title = f'DCGAN samples (EMA), step {step}, class {name}; {div} (pixels)'
+      else:
+        each = ', '.join(f'{n} {v:.2f}' for n, v in ratios.items()) if len(ratios) <= 4 else ''
+        div = (f'lowest {worst} {ratios[worst]:.2f}' + (f' ({each})' if each else '')) if worst else 'none'
+        title = (f'cDCGAN samples (EMA), step {step}, rows cycle classes {", ".join(class_names)};\n'
+                 f'diversity within class x real (pixels): {div}')  # fmt: skip
+      report.save_image_grid(imgs, os.path.join(workdir, 'samples', f'step_{step:06d}.png'), nrow=8, title=title)
 
   result = loop.run(
     prog,
@@ -282,7 +310,7 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       images_split,
-      global_batch=g.batch_size,
+      global_batch=batch,
       total_steps=g.steps,
       seed=seeding.int_seed(gseed, f'gan/{name}/data'),
       start_step=start,
@@ -294,19 +322,25 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     fsdp_min_size=cfg.mesh.fsdp_min_size,
     config_hash=config_lib.generator_hash(cfg),
     callbacks=[watch],
-    batch_size=g.batch_size,
+    batch_size=batch,
   )
-  return gen, result
+  return gen, result, batch
 
 
-def _diversity(flat: np.ndarray) -> float:
-  """Mean pairwise L2 distance of a set of flattened images (mode-collapse evidence)."""
-  if len(flat) < 2:
-    return 0.0
-  sq = (flat**2).sum(1)
-  d2 = np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0)
-  n = len(flat)
-  return float(np.sqrt(d2).sum() / (n * (n - 1)))
+def generator_batch(batch_size: int, num_images: int, devices: int = 1) -> int:
+  """The batch a generator trains on: `batch_size`, or all its images when there are fewer.
+
+  A generator of a tiny minority (a dozen images at 100:1) then trains on
+  what there is instead of stopping; the smaller batch stays a multiple of
+  the devices and processes.
+  """
+  if num_images >= batch_size:
+    return batch_size
+  unit = math.lcm(devices, jax.process_count())
+  batch = num_images - num_images % unit
+  if batch < 1:
+    raise UserError(f'{num_images} training images for a generator on {unit} devices: needs at least {unit}')
+  return batch
 
 
 def make_sampler(gen: Generator, num_classes: int):
@@ -324,10 +358,10 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
   channels = data.dataset.image_shape[-1]
   generators, records = {}, {}
   if cfg.gan.conditional:
-    gen, res = _train_one(cfg, gen_dir, data.train, mesh, k, channels, 'conditional', names, backend)
+    gen, res, batch = _train_one(cfg, gen_dir, data.train, mesh, k, channels, 'conditional', names, backend)
     generators['conditional'] = (gen, res.state.g_ema)
     records['conditional'] = dict(
-      step=res.step, wall_time_s=res.wall_time_s, last=res.history[-1] if res.history else None
+      step=res.step, wall_time_s=res.wall_time_s, batch_size=batch, last=res.history[-1] if res.history else None
     )
     samples = os.path.join('generator', 'samples', f'step_{res.step:06d}.png')
   else:
@@ -337,18 +371,21 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
         continue
       idx = np.flatnonzero(data.train.labels == c)
       sub = data.train.take(idx)
-      gen, res = _train_one(cfg, os.path.join(gen_dir, f'class_{c}'), sub, mesh, k, channels, names[c], names, backend)
+      gen, res, batch = _train_one(cfg, os.path.join(gen_dir, f'class_{c}'), sub, mesh, k, channels, names[c], names,
+                                   backend)  # fmt: skip
       generators[c] = (gen, res.state.g_ema)
-      records[names[c]] = dict(step=res.step, wall_time_s=res.wall_time_s, trained_on=int(len(idx)),
+      records[names[c]] = dict(step=res.step, wall_time_s=res.wall_time_s, trained_on=int(len(idx)), batch_size=batch,
                                last=res.history[-1] if res.history else None)  # fmt: skip
       samples = samples or os.path.join('generator', f'class_{c}', 'samples', f'step_{res.step:06d}.png')
   g = cfg.gan
   kind = 'cdcgan' if g.conditional else 'dcgan'
   desc = (f'conditional DCGAN over {k} classes, alpha={g.alpha}' if g.conditional
           else 'DCGAN per minority class, trained on that class only')  # fmt: skip
+  clamped = {n: r['batch_size'] for n, r in records.items() if r['batch_size'] != g.batch_size}
   info = dict(
     kind=kind,
     description=f'{desc}; G width {g.g_width}, D width {g.d_width}, {g.steps} steps, batch {g.batch_size}'
+    + (' (all images when fewer: ' + ', '.join(f'{n} {b}' for n, b in clamped.items()) + ')' if clamped else '')
     + (f', DiffAugment {g.diffaugment}' if g.diffaugment else '')
     + (f', R1 {g.r1_gamma}' if g.r1_gamma else ''),
     step=max(r['step'] for r in records.values()) if records else 0,

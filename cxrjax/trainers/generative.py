@@ -3,8 +3,9 @@
   1. train the generator on the imbalanced training split  -> workdir/generator/
   2. synthesize minority images up to rebalance.target_ratio -> workdir/synthetic.npz
      (with provenance: generator, step, config hash, seed)
-  3. judge them: FID/KID/precision/recall on reference-network features and a
-     memorization audit                                      -> workdir/gen_metrics.json
+  3. judge them: FID/KID/precision/recall on reference-network features, a
+     memorization audit and a mode-collapse verdict per class -> workdir/gen_metrics.json
+     and stop here (exit 2) on a collapsed class unless quality.on_collapse='continue'
   4. train the classifier on real + synthetic, test on real  -> workdir/classifier/
      with quality.tstr, the generator's utility: train on synthetic / test on real and
      the mirror (`cxrjax.trainers.utility`)                  -> workdir/utility/
@@ -34,6 +35,7 @@ from cxrjax import mesh as mesh_lib
 from cxrjax.backends.base import Backend
 from cxrjax.data import rebalance, synthetic
 from cxrjax.data.dataset import Split
+from cxrjax.errors import UserError
 from cxrjax.eval import features as features_lib
 from cxrjax.eval import genquality, inception_features, report
 from cxrjax.trainers import classifier, common, gan, ldm, reference, utility
@@ -133,10 +135,18 @@ def train_and_evaluate(
     # 3. quality
     quality_path = run.path('gen_metrics.json')
     quality = fileio.read_json(quality_path) if os.path.isfile(quality_path) else None
-    if quality is None or quality.get('synthetic_provenance') != prov:
+    if quality is None or quality.get('synthetic_provenance') != prov or not _judged_diversity(quality):
       quality = judge(config, run, data, syn_split, prov, backend)
       if jax.process_index() == 0:
         fileio.atomic_write_json(quality_path, quality)
+
+    # 3b. the mode-collapse gate: verdicts re-derived with this config's thresholds
+    collapse = collapse_verdicts(config, quality)
+    if collapse != quality.get('collapse'):
+      quality['collapse'] = collapse
+      if jax.process_index() == 0:
+        fileio.atomic_write_json(quality_path, quality)
+    collapse_gate(config, quality, quality_path)
 
     # 4. classifier on real + synthetic
     cls_cfg = classifier_config(config, syn_path)
@@ -228,6 +238,11 @@ def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov, 
     summ['num_generated'] = int(len(gen))
     summ['num_real'] = int(len(real))
     summ['num_seen'] = int(len(seen))
+    # Within-class spread: on the reference features (the verdict's) and in pixels (the grid titles').
+    summ['diversity'] = dict(
+      features=genquality.diversity(f_real, f_gen, seed=config.seed),
+      pixel=genquality.diversity(genquality.pixel_rows(real), genquality.pixel_rows(gen), seed=config.seed),
+    )
     name = data.dataset.class_names[c]
     if inception is not None:
       progress.log(f'[quality] Inception-V3 pool3 features: {len(real)} real, {len(gen)} generated ({name})')
@@ -238,7 +253,61 @@ def judge(config, run: common.Run, data: common.PreparedData, syn: Split, prov, 
     )
     summ['pairs_png'] = pairs_png
     out['per_class'][name] = summ
+  out['collapse'] = collapse_verdicts(config, out)
   return out
+
+
+def _judged_diversity(quality: dict) -> bool:
+  """Whether gen_metrics.json has the within-class diversity the collapse verdict needs (older runs lack it)."""
+  return all('diversity' in s for s in quality.get('per_class', {}).values())
+
+
+def collapse_verdicts(config, quality: dict) -> dict:
+  """`genquality.collapse_verdicts` of a gen_metrics dict with this config's thresholds and `on_collapse`."""
+  q = config.quality
+  out = genquality.collapse_verdicts(
+    quality['per_class'], min_diversity=q.collapse_min_diversity, min_recall=q.collapse_min_recall,
+    min_real=q.collapse_min_real,
+  )  # fmt: skip
+  out['on_collapse'] = q.on_collapse
+  return out
+
+
+def collapse_summary(quality: dict) -> str:
+  """One clause per collapsed class: its name and numbers."""
+  c = quality['collapse']
+  parts = []
+  for name in c['classes']:
+    s = quality['per_class'][name]
+    parts.append(
+      f"class '{name}' (recall {s['recall']:.3f}, feature diversity {s['diversity']['features']['ratio']:.2f} x real,"
+      f' pixel diversity {s["diversity"]["pixel"]["ratio"]:.2f} x real)'
+    )
+  return '; '.join(parts)
+
+
+def collapse_gate(config, quality: dict, quality_path: str) -> None:
+  """Stops before the classifier when a synthesized class is collapsed, unless `quality.on_collapse='continue'`.
+
+  Every verdict is logged; with 'continue' a collapse is announced and stays in
+  gen_metrics.json and the report. Raises UserError (exit 2) with 'stop'.
+  """
+  c = quality['collapse']
+  for name, verdict in c['verdicts'].items():
+    progress.log(f'[quality] mode collapse check, {name}: {verdict} ({c["reasons"][name]})')
+  if not c['any_collapsed']:
+    return
+  t = c['thresholds']
+  what = (
+    f'mode collapse in {collapse_summary(quality)}; thresholds: recall >= {t["min_recall"]:g},'
+    f' feature diversity >= {t["min_diversity"]:g} x real (evidence: {quality_path})'
+  )
+  if config.quality.on_collapse == 'continue':
+    progress.log(f'[quality] WARNING: {what}; training the classifier anyway (quality.on_collapse=continue)')
+    return
+  raise UserError(
+    f'{what}; the classifier was not trained. Pass --config.quality.on_collapse=continue to train it anyway'
+  )
 
 
 def write_report(run: common.Run, record: dict, data: common.PreparedData, syn) -> None:
