@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.data_seed = 0  # one imbalanced training split per ratio for every run: seeds are paired
   c.generator_seed = 0  # the seed of generators shared by the seeds (here: the LDM)
   c.generators_per_seed = 'dcgan,cdcgan_a0.5'  # GANs once per seed (their variance is in the intervals)
+  c.tstr_seeds = (0,)  # the TSTR utility of seed 0's generators, per ratio
   c.primary = 'threshold_0.5'
   c.bootstrap = 2000
   c.gradcam_images = 8

@@ -34,6 +34,7 @@ def get_config(arg=None):
   # variance: '' none (shared, as above), 'all', or generator names, e.g. 'dcgan,cdcgan_a0.5' (GANs per seed,
   # one LDM shared: 'ldm' names the LDM behind ldm_sample and ldm_img2img). See cxrjax/sweep/plan.py.
   c.generators_per_seed = ''
+  c.tstr_seeds = ()  # seeds whose generative runs also measure TSTR/TRTS utility (e.g. (0,))
   c.primary = 'threshold_0.5'  # the table's operating point ('threshold_0.5' or 'youden'; K > 2 classes: argmax)
   c.bootstrap = 2000  # paired bootstrap resamples over test images
   c.gradcam_images = 8  # fixed test images shown per method (half per class)

@@ -56,3 +56,12 @@ def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count('already complete') == 8 and 'epoch' not in r.stderr
   assert (wd / 'severity.json').read_text() == before
+
+
+def test_tstr_utility_is_read_from_the_utility_record():
+  from cxrjax.sweep import severity  # noqa: PLC0415
+
+  util = {'tstr': {'test': {'threshold_0.5': {'balanced_accuracy': 0.81, 'auroc': 0.9}, 'youden': {}}}}
+  assert severity._tstr_value(util) == 0.81
+  assert severity._tstr_value({'tstr': {'test': {'threshold_0.5': {'auroc': 0.9}}}}) == 0.9
+  assert severity._tstr_value(None) is None and severity._tstr_value({}) is None

@@ -68,6 +68,21 @@ def test_generators_per_seed_sets_dir_and_seed(spec, per_seed):
   assert plan.method_config(sweep, 'baseline', 1, wd).generator_dir == ''
 
 
+def test_generative_runs_of_a_sweep_record_collapse_and_measure_utility_on_tstr_seeds():
+  sweep = _sweep('baseline,dcgan,mix:dcgan+cdcgan_a0.25,cdcgan_a0.25', tstr_seeds=(1,))
+  sweep.experiment.quality.on_collapse = 'stop'  # as in the cpu and full profiles (smoke sets 'continue')
+  wd = '/tmp/sweep'
+  for seed in (0, 1):
+    dcgan = plan.method_config(sweep, 'dcgan', seed, wd)
+    # A collapse is flagged in the table; it never halts the sweep.
+    assert dcgan.quality.on_collapse == 'continue'
+    assert dcgan.quality.tstr is (seed == 1)
+  base = plan.method_config(sweep, 'baseline', 1, wd)
+  assert base.quality.tstr is False
+  # The default: no utility stage anywhere.
+  assert plan.method_config(_sweep('dcgan'), 'dcgan', 0, wd).quality.tstr is False
+
+
 def test_generators_per_seed_rejects_unknown_names():
   with pytest.raises(UserError, match="generators_per_seed='dcgan,ldm_sample'.*'ldm_sample' is not a generator"):
     plan.method_config(_sweep('dcgan', generators_per_seed='dcgan,ldm_sample'), 'dcgan', 0, '/tmp/sweep')

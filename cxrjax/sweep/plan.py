@@ -115,6 +115,10 @@ def method_config(sweep: ml_collections.ConfigDict, method: str, seed: int, work
     c.generator_tag = method
     c.generator_seed = seed if per_seed else sweep.generator_seed
     c.generator_dir = generator_dir(workdir, generator, seed, per_seed)
+    # A collapsed generator is recorded and flagged in the table; it does not halt the sweep.
+    c.quality.on_collapse = 'continue'
+    # The utility stage (TSTR/TRTS) on these seeds' generator runs (it trains two more classifiers).
+    c.quality.tstr = seed in tuple(sweep.get('tstr_seeds', ()))
   # A study of several sweeps shares one reference network (`reference_dir`); a sweep keeps its own.
   c.quality.reference_dir = sweep.get('reference_dir') or os.path.join(workdir, 'reference')
   return config_lib.finalize(c)

@@ -115,9 +115,9 @@ def aggregate(study: ml_collections.ConfigDict, per_ratio: dict) -> dict[str, An
 
 
 def _tstr_value(util: dict | None) -> float | None:
-  """One number for the figure: the TSTR classifier's balanced accuracy (else its AUROC) on the real test split."""
-  t = (util or {}).get('tstr') or {}
-  t = t.get('test', t)
+  """One number for the figure: the TSTR classifier's balanced accuracy at 0.5 (else its AUROC) on the real test split."""
+  t = ((util or {}).get('tstr') or {}).get('test') or {}
+  t = t.get('threshold_0.5', t)
   for key in ('balanced_accuracy', 'auroc'):
     if isinstance(t.get(key), (int, float)):
       return float(t[key])
