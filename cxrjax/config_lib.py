@@ -72,6 +72,12 @@ OPTIONAL_KEYS = {
   'rebalance.dose_classes': 'minority',
   'rebalance.synthetic_only': False,
   'quality.tstr': False,
+  'rebalance.synthetic_val': False,
+  'rebalance.synthetic_val_select': False,
+  'rebalance.synthetic_val_rule': 'proportion',
+  'ldm.per_class_finetune': False,
+  'ldm.finetune_steps': 0,
+  'ldm.finetune_lr': 0.0,
 }
 
 SPLIT_KEYS = ('train', 'val', 'test')
@@ -197,6 +203,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 'synthetic': train on the synthetic sets alone, as many images per class as the real training split has,
   # no real training image (train on synthetic, test on real; the generative runs' utility stage sets it).
   c.rebalance.synthetic_only = False
+  # 'synthetic': validation gets synthetic images too (the latent-diffusion study's design), each class in
+  # the proportion training gets, from each set's companion `<name>_val.npz` (made from validation images
+  # only); metrics are reported on real-only and on real+synthetic validation, and the report flags it.
+  c.rebalance.synthetic_val = False
+  c.rebalance.synthetic_val_select = False  # with synthetic_val: the real+synthetic validation picks the checkpoint
+  # How many per validation class: 'proportion' (synthetic per real image as in training) or 'fill' (up to
+  # target_ratio of the largest validation class, as training was filled; none when it is the largest).
+  c.rebalance.synthetic_val_rule = 'proportion'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'ce'
@@ -289,6 +303,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.ldm.log_every = 50
   c.ldm.checkpoint_every = 500
   c.ldm.sample_every = 1000
+  # The latent-diffusion study's "individual" models: after pretraining on all training images, a copy
+  # of the UNet per class that needs images is fine-tuned on that class's images alone (from the
+  # pretrained EMA weights) and makes that class's images; other classes use the pretrained model.
+  c.ldm.per_class_finetune = False
+  c.ldm.finetune_steps = 0  # per class; 0: a quarter of ldm.unet.steps
+  c.ldm.finetune_lr = 0.0  # constant, no warm-up; 0: ldm.unet.lr
   c.ldm.ae = ml_collections.ConfigDict(
     dict(base_channels=64, channel_mults=(1, 2), latent_channels=4, num_res_blocks=1, kl_weight=1e-6,
          lr=1e-3, steps=3000, batch_size=64)
@@ -722,6 +742,19 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(lat % g == 0, 'ldm.unet.channel_mults', tuple(config.ldm.unet.channel_mults),
              f'a depth whose downsampling ({g}) divides the {lat}-pixel latents')  # fmt: skip
   _require(0 < config.rebalance.beta < 1, 'rebalance.beta', config.rebalance.beta, 'in (0, 1)')
+  _one_of(config, 'rebalance.synthetic_val', (False, True))
+  _one_of(config, 'rebalance.synthetic_val_select', (False, True))
+  _one_of(config, 'rebalance.synthetic_val_rule', ('proportion', 'fill'))
+  if config.rebalance.synthetic_val:
+    _require(config.rebalance.method == 'synthetic', 'rebalance.method', config.rebalance.method,
+             "'synthetic' with rebalance.synthetic_val (a generator's images enter validation)")  # fmt: skip
+  _require(not config.rebalance.synthetic_val_select or config.rebalance.synthetic_val, 'rebalance.synthetic_val_select',
+           config.rebalance.synthetic_val_select, 'False unless rebalance.synthetic_val')  # fmt: skip
+  _one_of(config, 'ldm.per_class_finetune', (False, True))
+  _require(
+    config.ldm.finetune_steps >= 0, 'ldm.finetune_steps', config.ldm.finetune_steps, '>= 0 (0: ldm.unet.steps // 4)'
+  )
+  _require(config.ldm.finetune_lr >= 0, 'ldm.finetune_lr', config.ldm.finetune_lr, '>= 0 (0: ldm.unet.lr)')
   _require(config.rebalance.smote_k >= 1, 'rebalance.smote_k', config.rebalance.smote_k, '>= 1')
   _require(config.loss.focal_gamma >= 0, 'loss.focal_gamma', config.loss.focal_gamma, '>= 0')
   _require(0 <= config.loss.label_smoothing < 1, 'loss.label_smoothing', config.loss.label_smoothing, 'in [0, 1)')

@@ -107,7 +107,7 @@ _NUM = flags.DEFINE_integer('num_images', 128, 'Encoded training images (and sam
 def probe(config, gen_dir: str, num_images: int, backend=None) -> dict:
   """Loads a trained LDM (never trains one) and runs both probes on the minority class."""
   # Both stages must be finished with this very config, so `ldm.train` below only restores.
-  want = config_lib.generator_hash(config)
+  want = ldm.pretrain_hash(config)  # the shared stages' hash (the same as the generator's without per-class fine-tunes)
   for stage, steps in (('autoencoder', config.ldm.ae.steps), ('diffusion', config.ldm.unet.steps)):
     path = os.path.join(gen_dir, stage, 'done.json')
     if not os.path.isfile(path):

@@ -133,6 +133,8 @@ def data_section(data: dict) -> list[str]:
   loaded = data.get('counts_loaded') or {}
   rows = [('train (loaded)', loaded.get('train')), ('train (imbalanced)', counts['train_imbalanced']),
           ('train (per epoch, as trained)', counts['trained_on']), ('val', counts['val']), ('test', counts['test'])]  # fmt: skip
+  if counts.get('val_with_synthetic'):
+    rows.insert(-1, ('val + synthetic (rebalance.synthetic_val)', counts['val_with_synthetic']))
   if data.get('test_prevalence'):
     rows.insert(-1, ('test (as found)', data['test_prevalence']['counts_before']))
   for label, c in rows:
@@ -229,6 +231,29 @@ def finetune_lines(finetune: dict | None) -> list[str]:
   ]
 
 
+def synthetic_val_lines(record: dict) -> list[str]:
+  """report.md lines flagging synthetic images in validation, with validation metrics on both sets."""
+  if 'val_with_synthetic' not in record:
+    return []
+  sv = record['data'].get('synthetic_val') or {}
+  rows = {f'val (real only) @ {key}': m for key, m in record['val'].items()}
+  rows.update({f'val + synthetic @ {key}': m for key, m in record['val_with_synthetic'].items()})
+  return [
+    '## Synthetic images in validation (rebalance.synthetic_val)',
+    '',
+    f'- **Validation includes synthetic images**: {sum(sv.get("synthetic_counts", []))} added'
+    f' (per class {sv.get("synthetic_counts")}, {sv.get("rule", "")}), from {", ".join(sv.get("sources", []))}.'
+    ' Validation sets made image-to-image start from validation images only; the test split has none.'
+    ' The real validation split keeps its own class mix (the imbalance protocol applies to training only).',
+    f'- The checkpoint (and the Youden threshold) is selected on **{record.get("selected_on", "val")}**'
+    ' (rebalance.synthetic_val_select). Metrics on real + synthetic validation are optimistic when the'
+    " classifier learns the generator's images; the real-only rows show by how much.",
+    '',
+    metrics_table(rows),
+    '',
+  ]
+
+
 def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
   """Figures, report.md, then metrics.json: written last, it marks the run complete."""
   phantom = record['phantom']
@@ -276,6 +301,7 @@ def write_classifier_outputs(workdir: str, record: dict, class_names) -> None:
       ' validation split and is then applied unchanged to test.',
       '',
     ]
+  lines += synthetic_val_lines(record)
   if 'per_class' in test['threshold_0.5']:
     lines += ['### Per class (test, arg-max)', '', per_class_table(test['threshold_0.5']), '']
   lines += source_check_lines(record['data'])
@@ -364,6 +390,14 @@ def generative_report(record: dict, class_names) -> str:
     f' {gen.get("wall_time_s", 0):.0f} s',
     f'- Synthetic set: {record["synthetic"]["count"]} images, `{record["synthetic"]["path"]}`'
     + (f'; per class {record["synthetic"]["per_class"]}' if record['synthetic'].get('per_class') else ''),
+    *(
+      [
+        f'- Validation synthetic set: {record["synthetic"]["val"]["count"]} images, `{record["synthetic"]["val"]["path"]}`'
+        ' (rebalance.synthetic_val, below)'
+      ]
+      if record['synthetic'].get('val')
+      else []
+    ),
   ]
   dose = record['synthetic'].get('dose')
   if dose:
@@ -420,6 +454,7 @@ def generative_report(record: dict, class_names) -> str:
   lines += [metrics_table(rows), '', 'Full classifier report: [classifier/report.md](classifier/report.md)', '']
   if record.get('utility'):
     lines += utility_lines(record['utility'])
+  lines += synthetic_val_lines(record)
   lines += source_check_lines(record['data'])
   return '\n'.join(lines)
 

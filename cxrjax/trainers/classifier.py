@@ -240,6 +240,9 @@ def _train(
   batch_sh = mesh_lib.batch_sharding(mesh)
   predict = jax.jit(make_predict(model), in_shardings=(variables_sh, batch_sh), out_shardings=batch_sh)
 
+  val_syn = data.val_synthetic  # rebalance.synthetic_val: validation with synthetic rows too
+  select_syn = val_syn is not None and config.rebalance.get('synthetic_val_select', False)
+
   def validate(step: int, state, train_avg: dict) -> tuple[float, dict]:
     variables = eval_variables(state)
     if not all(common.finite(x) for x in jax.tree.leaves(jax.device_get(variables['params']))):
@@ -251,13 +254,21 @@ def _train(
                   train_accuracy=train_avg.get('accuracy'), lr=float(prog.schedule(step)),
                   **{f'val_{key}': vm[key] for key in keys})  # fmt: skip
     run.writer.scalars(step, {f'val/{key}': vm[key] for key in keys})
+    if val_syn is not None:
+      sm = evaluate(predict_split(predict, variables, val_syn, config.eval_batch_size, mesh), val_syn, config,
+                    ds.class_names)  # fmt: skip
+      record.update({f'valsyn_{key}': sm[key] for key in config_select_keys(sm)})
+      run.writer.scalars(step, {f'val_with_synthetic/{key}': sm[key] for key in config_select_keys(sm)})
+      if select_syn:
+        return _select_value(sm, config.select_metric), record
     return _select_value(vm, config.select_metric), record
 
   def report_epoch(step: int, record: dict, improved: bool) -> None:
     metric = config.select_metric
+    syn = f' | val+synthetic {metric} {record[f"valsyn_{metric}"]:.4f}' if val_syn is not None else ''
     progress.log(
       f'[classifier] epoch {step // spe}/{config.num_epochs} val {metric} {record[f"val_{metric}"]:.4f}'
-      f' auroc {record["val_auroc"]:.4f} f1 {record["val_f1"]:.4f}' + (' (best)' if improved else '')
+      f' auroc {record["val_auroc"]:.4f} f1 {record["val_f1"]:.4f}{syn}' + (' (best)' if improved else '')
     )
 
   augment = AugmentParams.from_config(config.data.augment)
@@ -307,11 +318,19 @@ def _train(
   test_probs = predict_split(predict, best_vars, ds.splits['test'], config.eval_batch_size, mesh)
   out_val = {'threshold_0.5': evaluate(val_probs, ds.splits['val'], config, ds.class_names)}
   out_test = {'threshold_0.5': evaluate(test_probs, ds.splits['test'], config, ds.class_names)}
+  out_val_syn, syn_probs = None, None
+  if val_syn is not None:
+    syn_probs = predict_split(predict, best_vars, val_syn, config.eval_batch_size, mesh)
+    out_val_syn = {'threshold_0.5': evaluate(syn_probs, val_syn, config, ds.class_names)}
   if k == 2:
     pos = config.data.positive_class
-    thr = metrics_lib.youden_threshold(ds.splits['val'].labels == pos, val_probs[:, pos])
+    # The Youden threshold comes from the validation set that selects the checkpoint.
+    sel_split, sel_probs = (val_syn, syn_probs) if select_syn else (ds.splits['val'], val_probs)
+    thr = metrics_lib.youden_threshold(sel_split.labels == pos, sel_probs[:, pos])
     out_val['youden'] = evaluate(val_probs, ds.splits['val'], config, ds.class_names, thr)
     out_test['youden'] = evaluate(test_probs, ds.splits['test'], config, ds.class_names, thr)
+    if out_val_syn is not None:
+      out_val_syn['youden'] = evaluate(syn_probs, val_syn, config, ds.class_names, thr)
   record = dict(
     kind='classifier',
     phantom=ds.is_phantom,
@@ -332,6 +351,9 @@ def _train(
     val=out_val,
     test=out_test,
   )
+  if out_val_syn is not None:
+    record['val_with_synthetic'] = out_val_syn
+    record['selected_on'] = 'val+synthetic' if select_syn else 'val'
   # Every process takes part in the orbax save (it synchronises them); only
   # process 0 writes the files beside it.
   export_classifier(run.path('export'), best_vars, config, ds)

@@ -20,7 +20,7 @@ import optax
 
 from cxrjax import config_lib, fileio, progress, seeding
 from cxrjax.backends.base import Backend
-from cxrjax.data import imbalance, multi_source, rebalance, sources
+from cxrjax.data import imbalance, multi_source, rebalance, sources, synthetic
 from cxrjax.data.dataset import SOURCE_STAGES, SPLITS, Dataset, Split, counts_by_source
 from cxrjax.errors import UserError
 from cxrjax.eval import source_check
@@ -41,6 +41,9 @@ class PreparedData:
   # Source -> stage -> images per class (`per_source_counts`); the source-shortcut check when data.source_check.
   per_source: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
   source_check: dict[str, Any] | None = None
+  # rebalance.synthetic_val: the validation split plus synthetic rows (real rows first), and what was added.
+  val_synthetic: Split | None = None
+  val_synthetic_report: dict[str, Any] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -52,6 +55,15 @@ class PreparedData:
     extra = {'test_prevalence': self.test_prevalence} if self.test_prevalence else {}
     if self.source_check is not None:
       extra['source_check'] = self.source_check
+    counts = dict(
+      train_imbalanced=self.train.class_counts(k),
+      trained_on=self.training_set.trained_counts(k),
+      val=self.dataset.splits['val'].class_counts(k),
+      test=self.dataset.splits['test'].class_counts(k),
+    )
+    if self.val_synthetic is not None:
+      counts['val_with_synthetic'] = self.val_synthetic.class_counts(k)
+      extra['synthetic_val'] = self.val_synthetic_report
     return dict(
       source=self.dataset.source,
       phantom=self.dataset.is_phantom,
@@ -59,12 +71,7 @@ class PreparedData:
       image_shape=list(self.dataset.image_shape),
       counts_loaded=self.dataset.source.get('counts_loaded'),
       imbalance=self.imbalance_report,
-      counts=dict(
-        train_imbalanced=self.train.class_counts(k),
-        trained_on=self.training_set.trained_counts(k),
-        val=self.dataset.splits['val'].class_counts(k),
-        test=self.dataset.splits['test'].class_counts(k),
-      ),
+      counts=counts,
       rebalance=self.training_set.summary(k),
       leakage=self.leakage,
       per_source=self.per_source,
@@ -156,10 +163,31 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str | None = None, 
       raise ValueError("rebalance.smote_space='feature' needs prepare_data(..., feature_encoder=...)")
     encoder = feature_encoder(config, workdir or os.path.join('runs', 'smote'))
   ts = rebalance.build_training_set(train, k, config.rebalance, config.seed, encoder=encoder)
+  val_synthetic, val_report = None, None
+  if config.rebalance.method == 'synthetic' and config.rebalance.get('synthetic_val', False):
+    # Validation classes get synthetic images as their training classes did (synthetic.val_needed).
+    train_syn = np.bincount(ts.pool.labels[np.char.startswith(ts.origin.astype(str), 'synthetic')], minlength=k)
+    val_synthetic, val_report = synthetic.mix_validation(
+      ds.splits['val'], train.class_counts(k), train_syn.tolist(), config.rebalance.synthetic,
+      seeding.numpy_rng(config.seed, 'rebalance/synthetic_val'),
+      config.rebalance.get('synthetic_val_rule', 'proportion'), config.rebalance.target_ratio,
+    )  # fmt: skip
+    val_report['selects'] = 'val+synthetic' if config.rebalance.get('synthetic_val_select', False) else 'val'
   check = source_check.check(train, ds.class_names, dseed) if config.data.get('source_check', False) else None
   # The whole pool is checked: real rows and every added (SMOTE, synthetic) row.
   leakage = check_leakage(ds, ts.pool)
-  return PreparedData(ds, train, ts, report, leakage, prevalence, per_source_counts(ds, loaded, train, ts), check)
+  return PreparedData(
+    ds,
+    train,
+    ts,
+    report,
+    leakage,
+    prevalence,
+    per_source_counts(ds, loaded, train, ts),
+    check,
+    val_synthetic,
+    val_report,
+  )
 
 
 def versions() -> dict[str, str]:
@@ -305,6 +333,11 @@ def banner(data: PreparedData, config: ml_collections.ConfigDict, backend: Backe
   ]
   if data.test_prevalence:
     lines.append(f'*** {data.test_prevalence["note"]} ***')
+  if data.val_synthetic is not None:
+    lines.append(
+      f'*** validation includes synthetic images (rebalance.synthetic_val): val + synthetic'
+      f' {data.val_synthetic.class_counts(k)}; the checkpoint is selected on {data.val_synthetic_report["selects"]} ***'
+    )
   lines.append(f'kernels: {backend.describe()}')
   for key, value in backend.process.items():  # what the backend did to the process, where a user looks
     lines.append(f'  {key}: {value}')

@@ -397,8 +397,11 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
   return info, dict(generators=generators, conditional=bool(g.conditional))
 
 
-def synthesize(cfg, handle: dict, data, labels: np.ndarray) -> np.ndarray:
-  """uint8 images for `labels`, from the EMA generator(s), seeded."""
+def synthesize(cfg, handle: dict, data, labels: np.ndarray, split: str = 'train') -> np.ndarray:
+  """uint8 images for `labels`, from the EMA generator(s), seeded; each `split` ('train', 'val') has its own noise."""
+  if split == 'test':
+    raise ValueError('synthetic images are never made for the test split')
+  stream = 'gan/synthesize' if split == 'train' else f'gan/synthesize/{split}'
   out = np.zeros((len(labels), *data.dataset.image_shape), np.uint8)
   bs = cfg.gan.synth_batch
   for c in sorted(set(labels.tolist())):
@@ -407,7 +410,7 @@ def synthesize(cfg, handle: dict, data, labels: np.ndarray) -> np.ndarray:
     idx = np.flatnonzero(labels == c)
     for i, start in enumerate(range(0, len(idx), bs)):
       part = idx[start : start + bs]
-      z = jax.random.normal(seeding.jax_key(cfg.seed, f'gan/synthesize/{c}/{i}'), (bs, cfg.gan.latent_dim))
+      z = jax.random.normal(seeding.jax_key(cfg.seed, f'{stream}/{c}/{i}'), (bs, cfg.gan.latent_dim))
       y = jnp.full((bs,), c, jnp.int32)
       out[part] = np.asarray(sample(ema, z, y))[: len(part)]
     progress.log(f'[gan] synthesized {len(idx)} images of class {c}')

@@ -2,7 +2,8 @@
 
   1. train the generator on the imbalanced training split  -> workdir/generator/
   2. synthesize minority images up to rebalance.target_ratio -> workdir/synthetic.npz
-     (with provenance: generator, step, config hash, seed)
+     (with provenance: generator, step, config hash, seed);
+     with rebalance.synthetic_val, a validation set too      -> workdir/synthetic_val.npz
   3. judge them: FID/KID/precision/recall on reference-network features, a
      memorization audit and a mode-collapse verdict per class -> workdir/gen_metrics.json
      and stop here (exit 2) on a collapsed class unless quality.on_collapse='continue'
@@ -42,7 +43,9 @@ from cxrjax.trainers import classifier, common, gan, ldm, reference, utility
 
 # The generator kinds, by trainer name: a module with
 # `train(config, gen_dir, data, mesh, needed, backend) -> (record, handle)` and
-# `synthesize(config, handle, data, labels) -> uint8 images`.
+# `synthesize(config, handle, data, labels, split='train') -> uint8 images` (`split`: the set being
+# made, 'train' or 'val': its own random stream; never 'test'), and optionally
+# `derived_from(config, data, labels, split)` -> the real image each one starts from (image-to-image).
 GENERATORS = {
   'gan': gan,
   'ldm': ldm,
@@ -64,6 +67,7 @@ def _base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   base.unlock()
   base.rebalance.method = 'none'
   base.rebalance.synthetic = ''
+  base.rebalance.synthetic_val = base.rebalance.synthetic_val_select = False
   return base
 
 
@@ -131,6 +135,7 @@ def train_and_evaluate(
       if jax.process_index() == 0:
         synthetic.save(syn_path, images, labels, prov)
     syn_split, _ = synthetic.load(syn_path)
+    val_set = synthesize_val(config, generator, handle, data, syn_split, prov, syn_path)
 
     # 3. quality
     quality_path = run.path('gen_metrics.json')
@@ -169,6 +174,8 @@ def train_and_evaluate(
                                dose=synthetic_dose(config))  # fmt: skip
     if utility_record is not None:
       record['utility'] = utility_record
+    if val_set is not None:
+      record['synthetic']['val'] = val_set
     if jax.process_index() == 0:
       write_report(run, record, data, syn_split)
     return record
@@ -182,6 +189,33 @@ def synthetic_dose(config) -> dict[str, Any] | None:
   if not rb.synthetic_dose:
     return None
   return dict(dose=float(rb.synthetic_dose), classes=rb.dose_classes)
+
+
+def synthesize_val(config, generator, handle, data, syn_split: Split, prov: dict, syn_path: str) -> dict | None:
+  """rebalance.synthetic_val: the validation companion of the synthetic set (`synthetic.val_companion`).
+
+  Each validation class gets images as its training class did (`synthetic.val_needed`), made for the
+  'val' split: the generator's own random stream for it, and image-to-image from validation images
+  only (their names are kept as `derived_from`). Skipped when it exists for the same provenance.
+  """
+  if not config.rebalance.synthetic_val:
+    return None
+  k = data.num_classes
+  path = synthetic.val_companion(syn_path)
+  vprov = dict(prov, split='val')
+  counts = synthetic.val_needed(
+    data.train.class_counts(k), syn_split.class_counts(k), data.dataset.splits['val'].class_counts(k),
+    config.rebalance.synthetic_val_rule, config.rebalance.target_ratio,
+  )  # fmt: skip
+  if not os.path.isfile(path) or synthetic.load(path)[1] != vprov:
+    labels = np.concatenate([np.full(n, c, np.int32) for c, n in counts.items() if n > 0] or [np.zeros(0, np.int32)])
+    progress.log(f'[{config.trainer}] synthesizing {len(labels)} validation images {counts}')
+    images = generator.synthesize(config, handle, data, labels, split='val')
+    derived = getattr(generator, 'derived_from', None)
+    derived = derived(config, data, labels, split='val') if derived is not None else None
+    if jax.process_index() == 0:
+      synthetic.save(path, images, labels, vprov, derived_from=derived)
+  return dict(path=path, count=int(sum(counts.values())), per_class=[counts[c] for c in range(k)])
 
 
 def inception_quality(model, variables, real: np.ndarray, gen: np.ndarray, seed: int) -> dict:

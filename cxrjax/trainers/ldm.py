@@ -8,6 +8,12 @@ either DDIM sampling from noise under the minority label (`ldm.mode='sample'`)
 or, as in the latent-diffusion study, image-to-image (`'img2img'`): encode a
 majority-class image, noise it to `ldm.strength`, and denoise it under the
 minority label, so the anatomy stays and the disease pattern is added.
+
+With `ldm.per_class_finetune` (the study's "individual" models), a copy of the
+pretrained UNet is then fine-tuned on each class that needs images, on that
+class's images alone, and makes that class's images. Every stage (autoencoder,
+diffusion, each class's fine-tune) has its own folder under the generator
+directory and resumes or is skipped on its own.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import optax
 from cxrjax import config_lib, diffusion, progress, seeding
 from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
+from cxrjax.data.dataset import Split
+from cxrjax.errors import UserError
 from cxrjax.eval import report
 from cxrjax.models import DTYPES
 from cxrjax.models.autoencoder import KLAutoencoder, ae_loss
 from cxrjax.models.layers import STOCK, Layers
 from cxrjax.models.unet import UNet
-from cxrjax.trainers import loop
+from cxrjax.trainers import gan, loop
 from cxrjax.trainers.program import Program
 
 
@@ -153,9 +161,12 @@ def autoencoder_program(cfg, image_shape, backend: Backend, key: jax.Array) -> P
 
 
 def diffusion_program(
-  cfg, num_classes: int, latent_shape, encode_fn, scale: float, backend: Backend, key: jax.Array
+  cfg, num_classes: int, latent_shape, encode_fn, scale: float, backend: Backend, key: jax.Array, start=None
 ) -> Program:
   """The latent denoiser's training program (`cfg.ldm.unet`) on `backend`'s layers.
+
+  With `start` (`() -> UNet params`, host arrays) it is a per-class fine-tune: the state begins at
+  those weights (params and EMA both), with a fresh optimizer at `finetune_lr`, constant.
 
   Args:
     cfg: the experiment config.
@@ -165,15 +176,21 @@ def diffusion_program(
     scale: the latents' scale factor (to unit variance).
     backend: the platform backend.
     key: the initialization key.
+    start: `() -> params` to fine-tune from, or None (pretraining from `key`).
   """
   unet = build_unet(cfg, num_classes, backend.layers)
   u = cfg.ldm.unet
-  tx = _tx(backend, u.lr, u.steps, u.warmup_steps)
+  tx = (
+    _tx(backend, finetune_lr(cfg), finetune_steps(cfg))
+    if start is not None
+    else _tx(backend, u.lr, u.steps, u.warmup_steps)
+  )
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
 
-  def init_fn():
-    z, t = jnp.zeros((1, *latent_shape)), jnp.zeros((1,), jnp.int32)
-    params = unet.init(key, z, t, t)['params']
+  def init_fn(params=None):
+    if params is None:
+      z, t = jnp.zeros((1, *latent_shape)), jnp.zeros((1,), jnp.int32)
+      params = unet.init(key, z, t, t)['params']
     return DiffusionState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=params)
 
   return Program(
@@ -183,17 +200,46 @@ def diffusion_program(
     init_options=backend.compile_options('init'),
     step_options=backend.compile_options('unet'),
     modules={'unet': unet},
+    start=start,
   )
 
 
+def finetune_steps(cfg) -> int:
+  """Steps of each class's fine-tune: `ldm.finetune_steps`, or a quarter of the pretraining's."""
+  return cfg.ldm.finetune_steps or max(cfg.ldm.unet.steps // 4, 1)
+
+
+def finetune_lr(cfg) -> float:
+  return cfg.ldm.finetune_lr or cfg.ldm.unet.lr
+
+
+def pretrain_hash(cfg) -> str:
+  """The generator hash of the shared stages (autoencoder, diffusion): the per-class keys left out,
+  so a run with and one without per-class fine-tuning share one pretrained model."""
+  base = cfg.copy_and_resolve_references()
+  base.unlock()
+  base.ldm.per_class_finetune, base.ldm.finetune_steps, base.ldm.finetune_lr = False, 0, 0.0
+  return config_lib.generator_hash(base)
+
+
+def fit_batch(batch: int, n: int, what: str, mesh) -> int:
+  """The batch for a stage with `n` images: `batch`, or, when the images are fewer, all of them
+  (`gan.generator_batch`: a multiple of the devices and processes), announced."""
+  fitted = gan.generator_batch(batch, n, mesh.devices.size)
+  if fitted != batch:
+    progress.log(f'[ldm] {what}: {n} training images, fewer than a batch of {batch}; training on batches of {fitted}')
+  return fitted
+
+
 def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
-  """Trains (or restores) the autoencoder; returns (model, params, latent scale, result)."""
+  """Trains (or restores) the autoencoder; returns (model, params, latent scale, result, batch size)."""
   image_shape = data.dataset.image_shape
   a = cfg.ldm.ae
   gseed = config_lib.generator_seed(cfg)
   prog = autoencoder_program(cfg, image_shape, backend, seeding.jax_key(gseed, 'ldm/ae/init'))
   model = prog.modules['autoencoder']
   workdir = os.path.join(gen_dir, 'autoencoder')
+  batch = fit_batch(a.batch_size, len(data.train), 'autoencoder', mesh)
   result = loop.run(
     prog,
     name='autoencoder',
@@ -201,7 +247,7 @@ def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       data.train,
-      global_batch=a.batch_size,
+      global_batch=batch,
       total_steps=a.steps,
       seed=seeding.int_seed(gseed, 'ldm/ae/data'),
       start_step=start,
@@ -211,8 +257,8 @@ def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
     log_every=cfg.ldm.log_every,
     checkpoint_every=cfg.ldm.checkpoint_every,
     fsdp_min_size=cfg.mesh.fsdp_min_size,
-    config_hash=config_lib.generator_hash(cfg),
-    batch_size=a.batch_size,
+    config_hash=pretrain_hash(cfg),
+    batch_size=batch,
   )
   params = result.state.params
   # Latent scale factor: 1 / std of the posterior means over (up to) 512 training
@@ -229,18 +275,19 @@ def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
       np.concatenate([originals, np.asarray(recon(params, originals))]),
       os.path.join(workdir, 'reconstructions.png'), nrow=8, title='autoencoder: originals (top) and reconstructions',
     )  # fmt: skip
-  return model, params, scale, result
+  return model, params, scale, result, batch
 
 
 def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backend) -> tuple[dict, dict]:
-  """Trains (or restores) the autoencoder and the latent diffusion model.
+  """Trains (or restores) the autoencoder and the latent diffusion model, then (with
+  `ldm.per_class_finetune`) one fine-tuned copy of the UNet per class in `needed` that needs images.
 
   Returns:
     (JSON-able generator record, handle for `synthesize`).
   """
-  del needed
   k = data.num_classes
-  ae_model, ae_params, scale, ae_result = _load_ae(cfg, gen_dir, data, mesh, backend)
+  names = data.dataset.class_names
+  ae_model, ae_params, scale, ae_result, ae_batch = _load_ae(cfg, gen_dir, data, mesh, backend)
   u = cfg.ldm.unet
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   latent = ae_model.latent_shape(data.dataset.image_shape)
@@ -255,17 +302,21 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
 
   workdir = os.path.join(gen_dir, 'diffusion')
   sample_fn = make_sampler(cfg, ae_model, unet, schedule, scale, k, data.dataset.image_shape)
+
+  def sample_grid(folder: str, steps: int, labels: np.ndarray, title: str):
+    def save_samples(step, state, metrics):
+      del metrics
+      if cfg.ldm.sample_every and (step % cfg.ldm.sample_every == 0 or step == steps) and jax.process_index() == 0:
+        imgs = sample_fn(state.ema, ae_params, jnp.asarray(labels), seeding.jax_key(gseed, 'ldm/grid'))
+        report.save_image_grid(
+          np.asarray(imgs), os.path.join(folder, 'samples', f'step_{step:06d}.png'), nrow=8,
+          title=f'{title}, step {step}',
+        )  # fmt: skip
+
+    return save_samples
+
   grid_labels = np.array([c for c in range(k) for _ in range(8)], np.int32)
-
-  def save_samples(step, state, metrics):
-    del metrics
-    if cfg.ldm.sample_every and (step % cfg.ldm.sample_every == 0 or step == u.steps) and jax.process_index() == 0:
-      imgs = sample_fn(state.ema, ae_params, grid_labels, seeding.jax_key(gseed, 'ldm/grid'))
-      report.save_image_grid(
-        np.asarray(imgs), os.path.join(workdir, 'samples', f'step_{step:06d}.png'), nrow=8,
-        title=f'LDM samples (EMA), step {step}: rows by class {", ".join(data.dataset.class_names)}',
-      )  # fmt: skip
-
+  batch = fit_batch(u.batch_size, len(data.train), 'diffusion', mesh)
   result = loop.run(
     prog,
     name='diffusion',
@@ -273,7 +324,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
     mesh=mesh,
     make_batches=lambda start: pipeline.split_batches(
       data.train,
-      global_batch=u.batch_size,
+      global_batch=batch,
       total_steps=u.steps,
       seed=seeding.int_seed(gseed, 'ldm/unet/data'),
       start_step=start,
@@ -283,35 +334,123 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
     log_every=cfg.ldm.log_every,
     checkpoint_every=cfg.ldm.checkpoint_every,
     fsdp_min_size=cfg.mesh.fsdp_min_size,
-    config_hash=config_lib.generator_hash(cfg),
-    callbacks=[save_samples],
-    batch_size=u.batch_size,
+    config_hash=pretrain_hash(cfg),
+    callbacks=[
+      sample_grid(workdir, u.steps, grid_labels, f'LDM samples (EMA): rows by class {", ".join(names)}')
+    ],  # fmt: skip
+    batch_size=batch,
   )
   samples_png = os.path.join('generator', 'diffusion', 'samples', f'step_{u.steps:06d}.png')
-  handle = dict(unet_ema=result.state.ema, ae_params=ae_params, scale=scale, ae_model=ae_model, unet=unet)
+  by_class, finetunes = {}, {}
+  if cfg.ldm.per_class_finetune:
+    pretrained = jax.device_get(result.state.ema)
+    for c in sorted(c for c, n in needed.items() if n > 0):
+      ft, ft_record = _finetune_class(
+        cfg, gen_dir, data, mesh, c, pretrained, result.step, encode_fn, scale, latent, backend, sample_grid
+      )  # fmt: skip
+      by_class[c] = ft.state.ema
+      finetunes[names[c]] = ft_record
+    if finetunes:
+      first = min(by_class)
+      samples_png = os.path.join(
+        'generator', 'finetune', f'class_{first}', 'samples', f'step_{finetune_steps(cfg):06d}.png'
+      )
+  handle = dict(unet_ema=result.state.ema, ae_params=ae_params, scale=scale, ae_model=ae_model, unet=unet,
+                unet_ema_by_class=by_class)  # fmt: skip
+  details = dict(
+    mode=cfg.ldm.mode,
+    strength=cfg.ldm.strength if cfg.ldm.mode == 'img2img' else None,
+    guidance_scale=cfg.ldm.guidance_scale,
+    sample_steps=cfg.ldm.sample_steps,
+    eta=cfg.ldm.eta,
+    autoencoder_steps=ae_result.step,
+    final_ae_loss=ae_result.history[-1] if ae_result.history else None,
+    final_diffusion_loss=result.history[-1] if result.history else None,
+  )
+  if ae_batch != cfg.ldm.ae.batch_size or batch != u.batch_size:  # recorded only when the data forced it
+    details['batch_sizes'] = dict(autoencoder=ae_batch, diffusion=batch, note='fewer training images than a batch')
+  if cfg.ldm.per_class_finetune:
+    details['per_class_finetune'] = finetunes
+    # Which weights make which class's images: a fine-tuned copy, else the class-conditional pretrained model.
+    details['weights_by_class'] = {
+      names[c]: f'finetune/class_{c}' if c in by_class else f'diffusion (class-conditional, step {result.step})'
+      for c in range(k)
+    }
+  description = (
+    f'latent diffusion ({cfg.ldm.mode}'
+    + (f', strength {cfg.ldm.strength}' if cfg.ldm.mode == 'img2img' else '')
+    + f', {cfg.ldm.sample_steps} DDIM steps, guidance {cfg.ldm.guidance_scale})'
+  )
+  if cfg.ldm.per_class_finetune:
+    description += (f'; pretrained on all classes, then one copy fine-tuned per class'
+                    f' ({", ".join(finetunes) or "none needed"}, {finetune_steps(cfg)} steps each)')  # fmt: skip
   info = dict(
     kind='ldm',
-    description=f'latent diffusion ({cfg.ldm.mode}'
-    + (f', strength {cfg.ldm.strength}' if cfg.ldm.mode == 'img2img' else '')
-    + f', {cfg.ldm.sample_steps} DDIM steps, guidance {cfg.ldm.guidance_scale})',
+    description=description,
     step=result.step,
-    wall_time_s=ae_result.wall_time_s + result.wall_time_s,
+    wall_time_s=ae_result.wall_time_s + result.wall_time_s + sum(f['wall_time_s'] for f in finetunes.values()),
     config_hash=config_lib.generator_hash(cfg),
     latent_scale=scale,
     latent_shape=list(latent),
-    details=dict(
-      mode=cfg.ldm.mode,
-      strength=cfg.ldm.strength if cfg.ldm.mode == 'img2img' else None,
-      guidance_scale=cfg.ldm.guidance_scale,
-      sample_steps=cfg.ldm.sample_steps,
-      eta=cfg.ldm.eta,
-      autoencoder_steps=ae_result.step,
-      final_ae_loss=ae_result.history[-1] if ae_result.history else None,
-      final_diffusion_loss=result.history[-1] if result.history else None,
-    ),
+    details=details,
     samples_png=samples_png if cfg.ldm.sample_every else '',
   )
   return info, handle
+
+
+def _finetune_class(cfg, gen_dir, data, mesh, c, pretrained, pretrained_step, encode_fn, scale, latent, backend,
+                    sample_grid):  # fmt: skip
+  """Fine-tunes a copy of the pretrained UNet (its EMA weights) on class `c`'s training images alone.
+
+  Returns:
+    (the loop's result, a JSON-able record of the fine-tune).
+  """
+  k = data.num_classes
+  name = data.dataset.class_names[c]
+  gseed = config_lib.generator_seed(cfg)
+  steps = finetune_steps(cfg)
+  sub = data.train.take(np.flatnonzero(data.train.labels == c))
+  if len(sub) == 0:
+    raise UserError(f'ldm.per_class_finetune: class {name} has no training images to fine-tune on')
+  prog = diffusion_program(
+    cfg, k, latent, encode_fn, scale, backend, seeding.jax_key(gseed, f'ldm/finetune/{c}/init'),
+    start=lambda: pretrained,
+  )  # fmt: skip
+  workdir = os.path.join(gen_dir, 'finetune', f'class_{c}')
+  batch = fit_batch(cfg.ldm.unet.batch_size, len(sub), f'fine-tune of class {name}', mesh)
+  progress.log(f'[ldm] fine-tuning the pretrained UNet on class {name} ({len(sub)} images, {steps} steps)')
+  result = loop.run(
+    prog,
+    name=f'finetune:{name}',
+    workdir=workdir,
+    mesh=mesh,
+    make_batches=lambda start: pipeline.split_batches(
+      sub,
+      global_batch=batch,
+      total_steps=steps,
+      seed=seeding.int_seed(gseed, f'ldm/finetune/{c}/data'),
+      start_step=start,
+    ),  # fmt: skip
+    total_steps=steps,
+    rng=seeding.jax_key(gseed, f'ldm/finetune/{c}/step'),
+    log_every=cfg.ldm.log_every,
+    checkpoint_every=cfg.ldm.checkpoint_every,
+    fsdp_min_size=cfg.mesh.fsdp_min_size,
+    config_hash=config_lib.generator_hash(cfg),
+    callbacks=[sample_grid(workdir, steps, np.full(16, c, np.int32), f'LDM fine-tuned on {name} (EMA)')],
+    batch_size=batch,
+  )
+  record = dict(
+    dir=os.path.join('finetune', f'class_{c}'),
+    started_from=f'diffusion EMA weights at step {pretrained_step}',
+    trained_on=int(len(sub)),
+    steps=result.step,
+    batch_size=batch,
+    lr=finetune_lr(cfg),
+    wall_time_s=result.wall_time_s,
+    final_loss=result.history[-1] if result.history else None,
+  )
+  return result, record
 
 
 def make_sampler(cfg, ae_model, unet, schedule, scale: float, num_classes: int, image_shape, img2img: bool = False):
@@ -340,35 +479,86 @@ def make_sampler(cfg, ae_model, unet, schedule, scale: float, num_classes: int, 
   return sample
 
 
-def synthesize(cfg, handle: dict, data, labels: np.ndarray) -> np.ndarray:
-  """Generates images for `labels` (uint8 [N,H,W,C]), from noise or by image-to-image."""
+def _stream(split: str) -> str:
+  """The random stream of a split's synthetic set (training keeps the original name)."""
+  return 'ldm/synthesize' if split == 'train' else f'ldm/synthesize/{split}'
+
+
+def img2img_sources(cfg, data, n: int, split: str = 'train') -> tuple[Split, np.ndarray]:
+  """(the split img2img draws from, the rows of it that `n` images start from), seeded.
+
+  The sources are images of `ldm.source_class` (-1: the largest training class) from `split`'s
+  own images: a validation set is made from validation images only, never from training
+  images (validation images that duplicate a training image's pixels are left out too).
+  """
+  if split == 'test':
+    raise ValueError('synthetic images are never made for the test split')
+  k = data.num_classes
+  source = data.train if split == 'train' else data.dataset.splits[split]
+  source_class = cfg.ldm.source_class if cfg.ldm.source_class >= 0 else int(np.argmax(data.train.class_counts(k)))
+  pool = np.flatnonzero(source.labels == source_class)
+  if split != 'train':
+    seen = set(data.train.content_hashes())
+    pool = pool[[h not in seen for h in source.take(pool).content_hashes()]] if len(pool) else pool
+  if len(pool) == 0:
+    raise UserError(
+      f'ldm img2img: the {split} split has no images of the source class {data.dataset.class_names[source_class]}'
+      ' (ldm.source_class) to start from'
+    )
+  rng = seeding.numpy_rng(cfg.seed, _stream(split))
+  return source, rng.choice(pool, size=n, replace=n > len(pool))
+
+
+def derived_from(cfg, data, labels: np.ndarray, split: str = 'train') -> np.ndarray | None:
+  """The name of the real image each synthesized image starts from (img2img), or None (from noise)."""
+  if cfg.ldm.mode != 'img2img':
+    return None
+  source, pick = img2img_sources(cfg, data, len(labels), split)
+  return source.names[pick].astype(str)
+
+
+def synthesize(cfg, handle: dict, data, labels: np.ndarray, split: str = 'train') -> np.ndarray:
+  """Generates images for `labels` (uint8 [N,H,W,C]), from noise or by image-to-image.
+
+  Class c's images come from its fine-tuned UNet when there is one (`ldm.per_class_finetune`),
+  else from the class-conditional model. `split` names the set being made ('train', 'val'): each
+  has its own random stream, and img2img starts from that split's images (`img2img_sources`).
+  """
+  if split == 'test':
+    raise ValueError('synthetic images are never made for the test split')
   k = data.num_classes
   schedule = diffusion.make_schedule(cfg.ldm.schedule, cfg.ldm.num_timesteps)
   img2img = cfg.ldm.mode == 'img2img'
   sampler = make_sampler(
     cfg, handle['ae_model'], handle['unet'], schedule, handle['scale'], k, data.dataset.image_shape, img2img=img2img
   )
-  rng = seeding.numpy_rng(cfg.seed, 'ldm/synthesize')
   sources_all = None
   if img2img:
-    source_class = cfg.ldm.source_class if cfg.ldm.source_class >= 0 else int(np.argmax(data.train.class_counts(k)))
-    pool = np.flatnonzero(data.train.labels == source_class)
-    pick = rng.choice(pool, size=len(labels), replace=len(labels) > len(pool))
-    sources_all = data.train.images[pick]
-  out = []
+    source, pick = img2img_sources(cfg, data, len(labels), split)
+    sources_all = source.images[pick]
+  # Rows grouped by the weights that make them (one group without per-class fine-tunes).
+  by_class = handle.get('unet_ema_by_class') or {}
+  weights = np.array([c if c in by_class else -1 for c in labels.tolist()], np.int64)
+  out = np.zeros((len(labels), *data.dataset.image_shape), np.uint8)
   bs = cfg.ldm.sample_batch
-  for i, start in enumerate(range(0, len(labels), bs)):
-    lab = labels[start : start + bs]
-    n = len(lab)
-    pad = bs - n
-    lab_p = np.concatenate([lab, np.repeat(lab[-1:], pad)]) if pad else lab
-    key = seeding.jax_key(cfg.seed, f'ldm/synthesize/{i}')
-    if img2img:
-      src = sources_all[start : start + bs]
-      src_p = np.concatenate([src, np.repeat(src[-1:], pad, 0)]) if pad else src
-      imgs = sampler(handle['unet_ema'], handle['ae_params'], jnp.asarray(lab_p), key, jnp.asarray(src_p))
-    else:
-      imgs = sampler(handle['unet_ema'], handle['ae_params'], jnp.asarray(lab_p), key)
-    out.append(np.asarray(imgs)[:n])
-    progress.log(f'[ldm] synthesized {min(start + bs, len(labels))}/{len(labels)}')
-  return np.concatenate(out) if out else np.zeros((0, *data.dataset.image_shape), np.uint8)
+  i, done = 0, 0
+  for w in sorted(set(weights.tolist())):
+    idx = np.flatnonzero(weights == w)
+    params = by_class[w] if w >= 0 else handle['unet_ema']
+    for start in range(0, len(idx), bs):
+      rows = idx[start : start + bs]
+      lab = labels[rows]
+      n = len(lab)
+      pad = bs - n
+      lab_p = np.concatenate([lab, np.repeat(lab[-1:], pad)]) if pad else lab
+      key = seeding.jax_key(cfg.seed, f'{_stream(split)}/{i}')
+      if img2img:
+        src = sources_all[rows]
+        src_p = np.concatenate([src, np.repeat(src[-1:], pad, 0)]) if pad else src
+        imgs = sampler(params, handle['ae_params'], jnp.asarray(lab_p), key, jnp.asarray(src_p))
+      else:
+        imgs = sampler(params, handle['ae_params'], jnp.asarray(lab_p), key)
+      out[rows] = np.asarray(imgs)[:n]
+      i, done = i + 1, done + n
+      progress.log(f'[ldm] synthesized {done}/{len(labels)}' + (f' ({split})' if split != 'train' else ''))
+  return out

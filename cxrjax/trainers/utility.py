@@ -62,6 +62,7 @@ def _classifier_base(config: ml_collections.ConfigDict) -> ml_collections.Config
   cls.quality.tstr = False
   cls.rebalance.synthetic_dose = 0.0
   cls.rebalance.dose_classes = 'minority'
+  cls.rebalance.synthetic_val = cls.rebalance.synthetic_val_select = False  # validated on real validation only
   return cls
 
 
