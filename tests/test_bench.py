@@ -316,7 +316,11 @@ def test_cli_quick_writes_rows_and_table(tmp_path):
   assert backend['process']['malloc'].startswith('glibc') and 'block cache' in backend['process']['malloc']
   assert 'ynn_fusion_type' in backend['process']['xla_flags']
   assert row['jax_platform'] == 'cpu' and row['torch_device'] == 'cpu'
-  assert list(row['jax_variants']) == ['jax'] and row['jax_bfloat16_images_per_s'] is None  # CPU: float32 only
+  # On a CPU, bfloat16 variants are planned only where it computes in bfloat16 natively (AVX512-BF16, AMX).
+  if run.cpu_has_bf16():
+    assert list(row['jax_variants']) == ['jax', 'jax bfloat16'] and row['jax_bfloat16_images_per_s'] > 0
+  else:
+    assert list(row['jax_variants']) == ['jax'] and row['jax_bfloat16_images_per_s'] is None
   assert row['torch_in_jax_process'] is False  # PyTorch ran in its own process, with its own heap
   assert row['peak_mem_mb'] > 0 and row['torch_peak_mem_mb'] > 0  # each measured in its own process
   assert row['mem_method'] == row['torch_mem_method'] == 'rss_hwm'
