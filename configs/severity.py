@@ -3,7 +3,9 @@
 One sweep per ratio (WORKDIR/ratio_<r>/, each an ordinary sweep with its own report), then
 WORKDIR/severity.md, .csv, .json and severity.png across the ratios; see cxrjax/sweep/severity.py.
 Resumable: finished runs are skipped, so it can be run in parts, and a rerun on a finished
-workdir only re-aggregates.
+workdir only re-aggregates. Each finished ratio's small results are also kept in
+`results_dir` (committed to the repository for the `cpu` profile), and a later invocation
+on another machine reads a kept ratio instead of running it again.
 
 Profiles: ':cpu' (the study as run on a 2-core CPU: PneumoniaMNIST-28, ratios 3/10/30/100,
 7 methods, 3 paired seeds), ':full' (published widths; for GPU/TPU), ':smoke' (two ratios,
@@ -33,6 +35,7 @@ def get_config(arg=None):
   c.generators_per_seed = 'dcgan,cdcgan_a0.5'  # GANs once per seed (their variance is in the intervals)
   c.tstr_seeds = (0,)  # the TSTR utility of seed 0's generators, per ratio
   c.primary = 'threshold_0.5'
+  c.results_dir = f'results/severity-{profile}' if profile != 'smoke' else ''  # '' keeps nothing outside the workdir
   c.bootstrap = 2000
   c.gradcam_images = 8
   c.focus_images = 128

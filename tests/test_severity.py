@@ -4,6 +4,7 @@ rerun on the finished workdir that only re-aggregates."""
 import csv
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -14,17 +15,18 @@ from conftest import ROOT, data_dir
 pytestmark = pytest.mark.e2e
 
 
-def study(wd):
+def study(wd, results):
   env = dict(os.environ, CXRJAX_DATA_DIR=str(data_dir()))
   return subprocess.run(
-    [sys.executable, '-m', 'cxrjax.sweep', '--config=configs/severity.py:smoke', f'--workdir={wd}'],
+    [sys.executable, '-m', 'cxrjax.sweep', '--config=configs/severity.py:smoke', f'--workdir={wd}',
+     f'--config.results_dir={results}'],
     cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
   )  # fmt: skip
 
 
 def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
-  wd = tmp_path / 'severity'
-  r = study(wd)
+  wd, results = tmp_path / 'severity', tmp_path / 'results'
+  r = study(wd, results)
   assert r.returncode == 0, r.stderr[-3000:]
   for name in ('severity.md', 'severity.csv', 'severity.json', 'severity.png', 'ratio_3/report.md',
                'ratio_10/report.md'):  # fmt: skip
@@ -52,10 +54,31 @@ def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
   assert 'When does generation help?' in (wd / 'severity.md').read_text()
   # Finished: a rerun trains nothing and writes the same study.
   before = (wd / 'severity.json').read_text()
-  r = study(wd)
+  r = study(wd, results)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count('already complete') == 8 and 'epoch' not in r.stderr
   assert (wd / 'severity.json').read_text() == before
+  # Each ratio's small results were kept: on another machine (an empty workdir) they are read, not rerun.
+  for name in ('severity.md', 'severity.json', 'ratio_3/records.json', 'ratio_3/kept.json', 'ratio_10/stats.json',
+               'ratio_10/report.md', 'ratio_10/metrics_bars.png'):  # fmt: skip
+    assert (results / name).is_file(), name
+  r = study(tmp_path / 'elsewhere', results)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.count('results kept in') == 2 and 'epoch' not in r.stderr and 'already complete' not in r.stderr
+  again = json.loads((tmp_path / 'elsewhere' / 'severity.json').read_text())
+  for r in ('3', '10'):
+    assert again['ratios'][r]['kept']['fingerprint'] == json.loads((results / f'ratio_{r}' / 'kept.json').read_text())[
+      'fingerprint']  # fmt: skip
+    for m in ('baseline', 'oversample'):
+      got, want = again['ratios'][r]['methods'][m], agg['ratios'][r]['methods'][m]
+      assert got['f1'] == want['f1'] and got.get('delta_vs_baseline') == want.get('delta_vs_baseline')
+  # A kept ratio serves only the config that made it: another seed list runs again.
+  from cxrjax.sweep import severity  # noqa: PLC0415
+
+  cfg = runpy.run_path(str(ROOT / 'configs' / 'severity.py'))['get_config']('smoke')
+  assert severity.load_kept(severity.ratio_sweep(cfg, 'anywhere', 3), str(results), 3) is not None
+  cfg.seeds = (0, 1, 2)
+  assert severity.load_kept(severity.ratio_sweep(cfg, 'anywhere', 3), str(results), 3) is None
 
 
 def test_tstr_utility_is_read_from_the_utility_record():

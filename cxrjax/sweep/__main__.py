@@ -94,13 +94,28 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, backend=None) -> d
     for m in plan.methods_of(sweep):
       for s in sweep.seeds:
         plan.method_config(sweep, m, s, rdir)
+  results_dir = study.get('results_dir', '')
   per_ratio = {}
   for ratio, sweep, rdir in parts:
+    done_here = os.path.isfile(os.path.join(rdir, 'stats.json'))
+    kept = severity.load_kept(sweep, results_dir, ratio) if results_dir and not done_here else None
+    if kept is not None:
+      records, agg, info = kept
+      progress.log(f'[severity] ratio {ratio:g}:1: results kept in {severity.ratio_dir(results_dir, ratio)}'
+                   f' (commit {info.get("commit")}); not run again')  # fmt: skip
+      per_ratio[ratio] = (sweep, records, agg, info)
+      continue
     os.makedirs(rdir, exist_ok=True)
     progress.log(f'[severity] ratio {ratio:g}:1 -> {rdir}')
     t0 = time.time()
     records = run_all(sweep, rdir, backend)
-    per_ratio[ratio] = (sweep, records, report.write(sweep, rdir, records, wall_time_s=time.time() - t0))
+    agg = report.write(sweep, rdir, records, wall_time_s=time.time() - t0)
+    info = None
+    if results_dir and jax_process_index() == 0:
+      first = records[(plan.methods_of(sweep)[0], sweep.seeds[0])]
+      run_info = dict(commit=first['run'].get('cxrjax_commit', ''), command=first['run'].get('command', ''))
+      severity.keep(sweep, rdir, results_dir, ratio, records, run_info)
+    per_ratio[ratio] = (sweep, records, agg, info)
   return severity.write(study, workdir, per_ratio)
 
 

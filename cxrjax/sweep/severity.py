@@ -12,14 +12,26 @@ re-aggregates. Across ratios it writes `severity.md`, `severity.csv`, `severity.
 and `severity.png`: every metric per (ratio, method) with its 95% interval over seeds
 and the sweep's paired tests, and the change against the baseline in F1, balanced
 accuracy and Youden's J (paired over seeds) with the generators' TSTR utility beside it.
+
+Results kept across machines: with `results_dir` set, each finished ratio's small outputs
+(`records.json`: the per-run numbers the study reads; `stats.json`, the tables, report and
+figures of its sweep; `kept.json`: the commit, command and a fingerprint of the ratio's
+config) are copied to `results_dir/ratio_<r>/`, and the study's own outputs to
+`results_dir/`. A later invocation, on another machine with an empty workdir, reads a
+kept ratio instead of running it again when its fingerprint matches, so a study longer
+than one session runs in parts whose results are committed as they land.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import glob
+import hashlib
 import io
+import json
 import os
+import shutil
 from typing import Any
 
 import ml_collections
@@ -47,6 +59,8 @@ def ratio_sweep(study: ml_collections.ConfigDict, workdir: str, ratio: float) ->
   sweep = copy.deepcopy(study)
   sweep.unlock()
   del sweep['ratios']
+  if 'results_dir' in sweep:
+    del sweep['results_dir']
   sweep.experiment.imbalance.ratio = float(ratio)
   sweep.reference_dir = os.path.join(workdir, 'reference')
   sweep.lock()
@@ -56,6 +70,66 @@ def ratio_sweep(study: ml_collections.ConfigDict, workdir: str, ratio: float) ->
 def sweeps(study: ml_collections.ConfigDict, workdir: str) -> list[tuple[float, ml_collections.ConfigDict, str]]:
   """(ratio, its sweep config, its folder) for every ratio of the study, in the study's order."""
   return [(float(r), ratio_sweep(study, workdir, r), ratio_dir(workdir, r)) for r in study.ratios]
+
+
+# ----------------------------------------------------------------------------- results kept across machines
+
+KEPT_FILES = ('stats.json', 'table.md', 'table.csv', 'report.md')
+
+
+def fingerprint(sweep: ml_collections.ConfigDict) -> str:
+  """A hash of a ratio's sweep config, without its machine-specific paths."""
+  d = json.loads(sweep.to_json_best_effort(sort_keys=True))
+  d.pop('reference_dir', None)
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compact_record(record: dict) -> dict:
+  """What the study reads of a run's metrics record (a few KB instead of the whole record)."""
+  gq = record.get('generator_quality') or {}
+  return dict(
+    test=record['test'],
+    data=dict(counts=record['data']['counts']),
+    utility=_utility(record),
+    generator_quality=dict(collapse=gq.get('collapse')) if gq else None,
+  )
+
+
+def keep(sweep, rdir: str, results_dir: str, ratio: float, records: dict, run_info: dict) -> str:
+  """Copies a finished ratio's small outputs to `results_dir/ratio_<r>/`; returns that folder."""
+  out = ratio_dir(results_dir, ratio)
+  os.makedirs(out, exist_ok=True)
+  for name in KEPT_FILES:
+    if os.path.isfile(os.path.join(rdir, name)):
+      shutil.copyfile(os.path.join(rdir, name), os.path.join(out, name))
+  for png in sorted(glob.glob(os.path.join(rdir, '*.png'))):
+    shutil.copyfile(png, os.path.join(out, os.path.basename(png)))
+  fileio.atomic_write_json(
+    os.path.join(out, 'records.json'), {f'{m}|{s}': compact_record(r) for (m, s), r in sorted(records.items())}
+  )
+  time_path = os.path.join(rdir, 'sweep_time.json')
+  seconds = fileio.read_json(time_path)['run_seconds'] if os.path.isfile(time_path) else None
+  fileio.atomic_write_json(
+    os.path.join(out, 'kept.json'),
+    dict(fingerprint=fingerprint(sweep), ratio=ratio, run_seconds=seconds, **run_info),
+  )
+  return out
+
+
+def load_kept(sweep, results_dir: str, ratio: float) -> tuple[dict, dict, dict] | None:
+  """(records, aggregate, kept.json) of a kept ratio whose config matches `sweep`; None otherwise."""
+  folder = ratio_dir(results_dir, ratio)
+  paths = [os.path.join(folder, n) for n in ('kept.json', 'records.json', 'stats.json')]
+  if not all(os.path.isfile(p) for p in paths):
+    return None
+  kept = fileio.read_json(paths[0])
+  if kept.get('fingerprint') != fingerprint(sweep):
+    return None
+  records = {}
+  for key, rec in fileio.read_json(paths[1]).items():
+    m, _, s = key.rpartition('|')
+    records[(m, int(s))] = rec
+  return records, fileio.read_json(paths[2])['aggregate'], kept
 
 
 def _per_seed(records: dict, method: str, seeds, primary: str, key: str) -> np.ndarray:
@@ -80,7 +154,7 @@ def aggregate(study: ml_collections.ConfigDict, per_ratio: dict) -> dict[str, An
   methods = plan.methods_of(study)
   seeds = list(study.seeds)
   out: dict[str, Any] = {'ratios': {}, 'methods': methods, 'seeds': seeds}
-  for r, (_, records, agg) in sorted(per_ratio.items()):
+  for r, (_, records, agg, *kept) in sorted(per_ratio.items()):
     primary = agg['primary']
     first = records[(methods[0], seeds[0])]
     row: dict[str, Any] = {
@@ -90,6 +164,8 @@ def aggregate(study: ml_collections.ConfigDict, per_ratio: dict) -> dict[str, An
       'primary': primary,
       'methods': {},
     }
+    if kept and kept[0]:
+      row['kept'] = {k: kept[0].get(k) for k in ('commit', 'command', 'run_seconds', 'fingerprint')}
     for m in methods:
       a = agg['methods'][m]
       entry: dict[str, Any] = {key: a[key] for key, _ in TABLE_KEYS if key in a}
@@ -268,8 +344,10 @@ def markdown(study, agg: dict, workdir: str) -> str:
       lines.append(f'| {r}:1 | {m} | ' + ' | '.join(_ci(e.get(k)) for k, _ in keys) + ' |')
   lines += ['', '## Per ratio', '']
   for r in sorted(agg['ratios'], key=float):
+    kept = agg['ratios'][r].get('kept')
     lines.append(f'- {r}:1: [ratio_{r}/report.md](ratio_{r}/report.md), best classic method'
-                 f' `{agg["ratios"][r]["best_classic"]}`')  # fmt: skip
+                 f' `{agg["ratios"][r]["best_classic"]}`'
+                 + (f'; results kept from commit `{kept["commit"]}`, not rerun here' if kept else ''))  # fmt: skip
   return '\n'.join(lines) + '\n'
 
 
@@ -279,14 +357,25 @@ def _minutes(workdir: str, agg: dict) -> str:
     path = os.path.join(ratio_dir(workdir, float(r)), 'sweep_time.json')
     if os.path.isfile(path):
       total += fileio.read_json(path)['run_seconds']
+    elif agg['ratios'][r].get('kept', {}).get('run_seconds'):
+      total += agg['ratios'][r]['kept']['run_seconds']
   return f'{total / 60:.1f} min in runs'
 
 
+STUDY_FILES = ('severity.md', 'severity.csv', 'severity.json', 'severity.png')
+
+
 def write(study, workdir: str, per_ratio: dict) -> dict:
+  """The study's outputs in `workdir` (and in `study.results_dir`, when set)."""
   agg = aggregate(study, per_ratio)
   figure(agg, os.path.join(workdir, 'severity.png'))
   fileio.atomic_write_json(os.path.join(workdir, 'severity.json'), agg)
   fileio.atomic_write_text(os.path.join(workdir, 'severity.csv'), csv_text(rows(agg)))
   fileio.atomic_write_text(os.path.join(workdir, 'severity.md'), markdown(study, agg, workdir))
-  progress.log(f'[severity] report: {os.path.join(workdir, "severity.md")}')
+  results_dir = study.get('results_dir', '')
+  if results_dir:
+    os.makedirs(results_dir, exist_ok=True)
+    for name in STUDY_FILES:
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(results_dir, name))
+  progress.log(f'[severity] report: {os.path.join(results_dir or workdir, "severity.md")}')
   return agg
