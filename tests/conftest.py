@@ -142,6 +142,18 @@ def torchvision_models():
   return torchvision.models
 
 
+def random_split(counts, size=6, seed=0, prefix='r'):
+  """A Split of random [size, size, 1] images, `counts[k]` of class k, named '<prefix><i>', two rows per group."""
+  from cxrjax.data.dataset import Split  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  labels = np.concatenate([np.full(n, k, np.int32) for k, n in enumerate(counts)])
+  n = len(labels)
+  images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+  names = np.array([f'{prefix}{i}' for i in range(n)])
+  return Split(images, labels, np.array([f'p{i // 2}' for i in range(n)]), names)
+
+
 def init_variables(module, rng, *args, **static_kwargs):
   """`module.init(rng, *args, **static_kwargs)` as one jitted program, compiled as the trainers compile theirs.
 

@@ -5,20 +5,12 @@ import pytest
 
 from cxrjax import config_lib
 from cxrjax.data import rebalance, sources, synthetic
-from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.trainers import common
 
+from conftest import random_split
+
 METHODS = tuple(m for m in rebalance.METHODS if m != 'synthetic')  # synthetic: tested below
-
-
-def split(counts, size=6, seed=0):
-  rng = np.random.default_rng(seed)
-  labels = np.concatenate([np.full(n, k, np.int32) for k, n in enumerate(counts)])
-  n = len(labels)
-  images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
-  names = np.array([f'r{i}' for i in range(n)])
-  return Split(images, labels, np.array([f'p{i // 2}' for i in range(n)]), names)
 
 
 def cfg(method, **kw):
@@ -41,7 +33,7 @@ EXPECTED_COUNTS = {
 
 @pytest.mark.parametrize('method', METHODS)
 def test_exact_counts_per_method(method):
-  ts = rebalance.build_training_set(split([120, 40]), 2, cfg(method), seed=0)
+  ts = rebalance.build_training_set(random_split([120, 40]), 2, cfg(method), seed=0)
   assert ts.trained_counts(2) == EXPECTED_COUNTS[method]
 
 
@@ -55,20 +47,20 @@ def test_exact_counts_per_method(method):
   ],
 )
 def test_target_ratio(method, ratio, expected):
-  ts = rebalance.build_training_set(split([120, 40]), 2, cfg(method, target_ratio=ratio), seed=0)
+  ts = rebalance.build_training_set(random_split([120, 40]), 2, cfg(method, target_ratio=ratio), seed=0)
   assert ts.trained_counts(2) == expected
 
 
 def test_three_classes():
-  ts = rebalance.build_training_set(split([90, 30, 10]), 3, cfg('oversample'), seed=0)
+  ts = rebalance.build_training_set(random_split([90, 30, 10]), 3, cfg('oversample'), seed=0)
   assert ts.trained_counts(3) == [90, 90, 90]
-  ts = rebalance.build_training_set(split([90, 30, 10]), 3, cfg('undersample'), seed=0)
+  ts = rebalance.build_training_set(random_split([90, 30, 10]), 3, cfg('undersample'), seed=0)
   assert ts.trained_counts(3) == [10, 10, 10]
 
 
 @pytest.mark.parametrize('method', METHODS)
 def test_deterministic_per_seed(method):
-  s = split([60, 20])
+  s = random_split([60, 20])
   a = rebalance.build_training_set(s, 2, cfg(method), seed=3)
   b = rebalance.build_training_set(s, 2, cfg(method), seed=3)
   np.testing.assert_array_equal(a.plan, b.plan)
@@ -79,7 +71,7 @@ def test_deterministic_per_seed(method):
 
 
 def test_smote_samples_lie_on_segments_between_minority_neighbours():
-  s = split([50, 12], size=5)
+  s = random_split([50, 12], size=5)
   ts = rebalance.build_training_set(s, 2, cfg('smote', smote_k=3), seed=0)
   minority_idx = np.flatnonzero(s.labels == 1)
   minority = s.images[minority_idx].reshape(12, -1).astype(np.float64)
@@ -104,7 +96,7 @@ def test_smote_samples_lie_on_segments_between_minority_neighbours():
 
 
 def test_class_weights_inverse_and_effective():
-  ts = rebalance.build_training_set(split([120, 40]), 2, cfg('class_weights'), seed=0)
+  ts = rebalance.build_training_set(random_split([120, 40]), 2, cfg('class_weights'), seed=0)
   np.testing.assert_allclose(ts.class_weights, [160 / (2 * 120), 160 / (2 * 40)])
   w = rebalance.class_weights(np.array([120, 40]), 'effective', beta=0.99)
   e = (1 - 0.99) / (1 - 0.99 ** np.array([120, 40]))
@@ -112,14 +104,14 @@ def test_class_weights_inverse_and_effective():
 
 
 def test_augment_marks_only_repeats_strong():
-  ts = rebalance.build_training_set(split([30, 10]), 2, cfg('augment'), seed=0)
+  ts = rebalance.build_training_set(random_split([30, 10]), 2, cfg('augment'), seed=0)
   assert ts.strong[:40].sum() == 0 and ts.strong[40:].all()
   assert (ts.pool.labels[40:] == 1).all()
 
 
 def test_smote_needs_two_images():
   with pytest.raises(UserError, match='at least 2'):
-    rebalance.build_training_set(split([10, 1]), 2, cfg('smote'), seed=0)
+    rebalance.build_training_set(random_split([10, 1]), 2, cfg('smote'), seed=0)
 
 
 @pytest.mark.parametrize('method', METHODS)
@@ -164,7 +156,7 @@ EXPECTED_FOR_LIMIT = {  # limit_train=300 after 3:1 -> [225, 75]
 
 
 def _synthetic_set(tmp_path, name, counts, size=6, seed=1):
-  s = split(counts, size=size, seed=seed)
+  s = random_split(counts, size=size, seed=seed)
   path = str(tmp_path / f'{name}.npz')
   synthetic.save(path, s.images, s.labels, dict(tag=name, generator='test', step=7, config_hash='abc', seed=seed))
   return path
@@ -172,7 +164,7 @@ def _synthetic_set(tmp_path, name, counts, size=6, seed=1):
 
 def test_synthetic_fills_minority_from_one_set(tmp_path):
   path = _synthetic_set(tmp_path, 'dcgan', [0, 100])
-  ts = rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=path), seed=0)
+  ts = rebalance.build_training_set(random_split([120, 40]), 2, cfg('synthetic', synthetic=path), seed=0)
   assert ts.trained_counts(2) == [120, 120]
   assert ts.origin_counts() == {'real': 160, 'synthetic': 80}
   assert (ts.origin[160:] == 'synthetic:dcgan').all()
@@ -182,26 +174,32 @@ def test_synthetic_fills_minority_from_one_set(tmp_path):
 def test_generator_mixing_in_set_proportions(tmp_path):
   a = _synthetic_set(tmp_path, 'dcgan', [0, 100], seed=1)
   b = _synthetic_set(tmp_path, 'cdcgan', [50, 100], seed=2)
-  ts = rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=f'{a}:0.75,{b}:0.25'), seed=0)
+  ts = rebalance.build_training_set(
+    random_split([120, 40]), 2, cfg('synthetic', synthetic=f'{a}:0.75,{b}:0.25'), seed=0
+  )
   assert ts.details['synthetic']['drawn'] == {'dcgan': {'1': 60}, 'cdcgan': {'1': 20}}
   assert ts.trained_counts(2) == [120, 120]
-  again = rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=f'{a}:0.75,{b}:0.25'), seed=0)
+  again = rebalance.build_training_set(
+    random_split([120, 40]), 2, cfg('synthetic', synthetic=f'{a}:0.75,{b}:0.25'), seed=0
+  )
   np.testing.assert_array_equal(ts.pool.images, again.pool.images)
 
 
 def test_synthetic_errors_name_the_set(tmp_path):
   small = _synthetic_set(tmp_path, 'small', [0, 10])
   with pytest.raises(UserError, match='has 10 images of class 1; 80 are needed'):
-    rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=small), seed=0)
+    rebalance.build_training_set(random_split([120, 40]), 2, cfg('synthetic', synthetic=small), seed=0)
   other = _synthetic_set(tmp_path, 'big', [0, 100], size=8)
   with pytest.raises(UserError, match='images \\(8, 8, 1\\)'):
-    rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=other), seed=0)
+    rebalance.build_training_set(random_split([120, 40]), 2, cfg('synthetic', synthetic=other), seed=0)
   with pytest.raises(UserError, match='no such file'):
-    rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=str(tmp_path / 'x.npz')), seed=0)
+    rebalance.build_training_set(
+      random_split([120, 40]), 2, cfg('synthetic', synthetic=str(tmp_path / 'x.npz')), seed=0
+    )
   junk = tmp_path / 'junk.npz'
   np.savez(junk, a=np.zeros(3))
   with pytest.raises(UserError, match='not a cxrjax synthetic set'):
-    rebalance.build_training_set(split([120, 40]), 2, cfg('synthetic', synthetic=str(junk)), seed=0)
+    rebalance.build_training_set(random_split([120, 40]), 2, cfg('synthetic', synthetic=str(junk)), seed=0)
 
 
 def test_synthetic_provenance_round_trip(tmp_path):
@@ -212,7 +210,7 @@ def test_synthetic_provenance_round_trip(tmp_path):
 
 
 def test_smote_neighbours_in_feature_space():
-  s = split([50, 12], size=5)
+  s = random_split([50, 12], size=5)
   minority = np.flatnonzero(s.labels == 1)
   # A feature space where image i's only close partner is its index pair (i xor 1).
   feats = np.repeat(np.arange(12) // 2, 4).reshape(12, 4).astype(np.float32) * 100

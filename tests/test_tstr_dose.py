@@ -11,20 +11,11 @@ from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.trainers import generative, utility
 
-from conftest import CDCGAN_SMOKE_ARGS, ROOT, run_cli
-
-
-def split(counts, size=6, seed=0, prefix='r'):
-  rng = np.random.default_rng(seed)
-  labels = np.concatenate([np.full(n, k, np.int32) for k, n in enumerate(counts)])
-  n = len(labels)
-  images = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
-  names = np.array([f'{prefix}{i}' for i in range(n)])
-  return Split(images, labels, np.array([f'p{i // 2}' for i in range(n)]), names)
+from conftest import CDCGAN_SMOKE_ARGS, ROOT, random_split, run_cli
 
 
 def synthetic_set(tmp_path, name, counts, seed=1):
-  s = split(counts, seed=seed, prefix='s')
+  s = random_split(counts, seed=seed, prefix='s')
   path = str(tmp_path / f'{name}.npz')
   synthetic.save(path, s.images, s.labels, dict(tag=name, generator='test', step=3, config_hash='abc', seed=seed))
   return path
@@ -76,7 +67,7 @@ def test_needed_per_class_dose(counts, ratio, dose, classes, expected):
 )  # fmt: skip
 def test_dose_builds_the_requested_training_set(tmp_path, dose, classes, trained):
   path = synthetic_set(tmp_path, 'gen', [300, 200])
-  train = split([120, 40])
+  train = random_split([120, 40])
   ts = rebalance.build_training_set(train, 2, rb(synthetic=path, synthetic_dose=dose, dose_classes=classes), seed=0)
   assert ts.trained_counts(2) == trained
   added = np.array(trained) - [120, 40]
@@ -93,7 +84,7 @@ def test_dose_builds_the_requested_training_set(tmp_path, dose, classes, trained
 def test_dose_larger_than_the_set_names_the_set_and_the_dose(tmp_path):
   path = synthetic_set(tmp_path, 'small', [0, 50])
   with pytest.raises(UserError, match='has 50 images of class 1; 80 are needed.*synthetic_dose'):
-    rebalance.build_training_set(split([120, 40]), 2, rb(synthetic=path, synthetic_dose=2.0), seed=0)
+    rebalance.build_training_set(random_split([120, 40]), 2, rb(synthetic=path, synthetic_dose=2.0), seed=0)
 
 
 # ----------------------------------------------------------------------------- synthetic only (TSTR's training set)
@@ -102,7 +93,7 @@ def test_dose_larger_than_the_set_names_the_set_and_the_dose(tmp_path):
 def test_synthetic_only_replaces_every_real_row(tmp_path):
   a = synthetic_set(tmp_path, 'cdcgan', [200, 100], seed=1)
   b = synthetic_set(tmp_path, 'ldm', [200, 100], seed=2)
-  train = split([120, 40])
+  train = random_split([120, 40])
   ts = rebalance.build_training_set(train, 2, rb(synthetic=f'{a}:0.5,{b}:0.5', synthetic_only=True), seed=0)
   assert ts.trained_counts(2) == [120, 40]  # the real split's class mix
   assert ts.origin_counts() == {'synthetic': 160}
@@ -119,7 +110,7 @@ def test_synthetic_only_replaces_every_real_row(tmp_path):
 def test_synthetic_only_needs_every_class(tmp_path):
   path = synthetic_set(tmp_path, 'minority_only', [0, 100])
   with pytest.raises(UserError, match='has 0 images of class 0; 120 are needed'):
-    rebalance.build_training_set(split([120, 40]), 2, rb(synthetic=path, synthetic_only=True), seed=0)
+    rebalance.build_training_set(random_split([120, 40]), 2, rb(synthetic=path, synthetic_only=True), seed=0)
 
 
 # ----------------------------------------------------------------------------- config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from typing import Any
 
@@ -37,6 +39,33 @@ def fmt(v: Any, digits: int = 3) -> str:
   if isinstance(v, float):
     return 'nan' if v != v else f'{v:.{digits}f}'
   return str(v)
+
+
+def fmt_ci(c: dict | None) -> str:
+  """'mean ± half-width' of a `stats.mean_ci` record; the mean alone for a single value; '-' for none."""
+  if not c:
+    return '-'
+  if c.get('n', 0) <= 1:
+    return fmt(c['mean'])
+  return f'{c["mean"]:.3f} ± {(c["high"] - c["low"]) / 2:.3f}'
+
+
+def fmt_p(x) -> str:
+  """A p-value: three decimals, or scientific below 0.001; '-' for none or NaN."""
+  return '-' if x is None or x != x else (f'{x:.3f}' if x >= 0.001 else f'{x:.1e}')
+
+
+def csv_text(rows: list[dict]) -> str:
+  """CSV of `rows`; the columns are every key, in order of first appearance."""
+  keys: list[str] = []
+  for row in rows:
+    keys += [k for k in row if k not in keys]
+  buf = io.StringIO()
+  if rows:
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  return buf.getvalue()
 
 
 def metrics_table(rows: dict[str, dict]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from typing import Any
 
@@ -18,20 +16,11 @@ from cxrjax import config_lib, fileio, progress, seeding
 from cxrjax.data import sources
 from cxrjax.eval import features, gradcam, stats
 from cxrjax.eval import metrics as metrics_lib
-from cxrjax.eval.report import PHANTOM_BANNER, TABLE_KEYS, fmt
+from cxrjax.eval.report import PHANTOM_BANNER, TABLE_KEYS, csv_text, fmt, fmt_ci, fmt_p
 from cxrjax.sweep import plan
 
 # The single-run report's metrics without accuracy, which says little under class imbalance.
 TABLE_METRICS = tuple((key, label) for key, label in TABLE_KEYS if key != 'accuracy')
-
-
-def csv_text(rows: list[dict]) -> str:
-  buf = io.StringIO()
-  if rows:
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  return buf.getvalue()
 
 
 def classifier_dir(run_dir: str) -> str:
@@ -373,16 +362,6 @@ def _curves_plot(records: dict, methods, seeds, path: str) -> None:
   plt.close(fig)
 
 
-def _ci(c: dict) -> str:
-  if c['n'] <= 1:
-    return fmt(c['mean'])
-  return f'{c["mean"]:.3f} ± {(c["high"] - c["low"]) / 2:.3f}'
-
-
-def _p(x) -> str:
-  return '-' if x is None or x != x else (f'{x:.3f}' if x >= 0.001 else f'{x:.1e}')
-
-
 def _collapsed_cell(r: dict):
   """The CSV's `collapsed`: True/False from the runs' collapse verdicts, '' where none was recorded."""
   c = r.get('collapse')
@@ -445,17 +424,19 @@ def markdown_table(agg: dict, cams: dict | None) -> str:
     head += ['lung focus Grad-CAM / ++']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for m, r in agg['methods'].items():
-    cells = [_method_cell(m, r)] + [_ci(r[key]) for key, _ in TABLE_METRICS]
+    cells = [_method_cell(m, r)] + [fmt_ci(r[key]) for key, _ in TABLE_METRICS]
     vb = r.get('vs_baseline')
     if vb:
       b = vb['f1_bootstrap']
       cells.append(_delta_cell(b))
-      cells.append(f'{_p(vb["f1_t_test"]["p_value"])} / {_p(vb["f1_wilcoxon"]["p_value"])} / {_p(b["p_value"])}'
-                   f' ({_p(vb.get("f1_bootstrap_holm"))})')  # fmt: skip
+      cells.append(f'{fmt_p(vb["f1_t_test"]["p_value"])} / {fmt_p(vb["f1_wilcoxon"]["p_value"])} / {fmt_p(b["p_value"])}'
+                   f' ({fmt_p(vb.get("f1_bootstrap_holm"))})')  # fmt: skip
     else:
       cells += ['(reference)', '-']
     vc = r.get('vs_best_classic')
-    cells.append(_p(vc['f1_bootstrap']['p_value']) if vc else ('(best classic)' if m == agg['best_classic'] else '-'))
+    cells.append(
+      fmt_p(vc['f1_bootstrap']['p_value']) if vc else ('(best classic)' if m == agg['best_classic'] else '-')
+    )
     if cams:
       c = cams['methods'][m]
       cells.append(f'{fmt(c["focus_gradcam"]["mean"])} / {fmt(c["focus_gradcam++"]["mean"])}')
@@ -479,13 +460,13 @@ def tests_table(agg: dict, ref_name: str) -> str:
     cells = [
       _method_cell(m, r),
       _delta_cell(j),
-      f'{_p(v["youden_j_t_test"]["p_value"])} / {_p(v["youden_j_wilcoxon"]["p_value"])} / {_p(j["p_value"])}'
-      f' ({_p(v.get("youden_j_bootstrap_holm"))})',
+      f'{fmt_p(v["youden_j_t_test"]["p_value"])} / {fmt_p(v["youden_j_wilcoxon"]["p_value"])} / {fmt_p(j["p_value"])}'
+      f' ({fmt_p(v.get("youden_j_bootstrap_holm"))})',
       _delta_cell(a),
-      f'{_p(v["auroc_t_test"]["p_value"])} / {_p(v["auroc_wilcoxon"]["p_value"])}',
-      f'{_p(v[auroc_test]["p_value"])} ({_p(v.get(auroc_test + "_holm"))})',
-      f'{_p(v["mcnemar"]["p_value"])} ({_p(v.get("mcnemar_holm"))})',
-      f'{_p(v["f1_bootstrap"]["p_value"])} ({_p(v.get("f1_bootstrap_holm"))})',
+      f'{fmt_p(v["auroc_t_test"]["p_value"])} / {fmt_p(v["auroc_wilcoxon"]["p_value"])}',
+      f'{fmt_p(v[auroc_test]["p_value"])} ({fmt_p(v.get(auroc_test + "_holm"))})',
+      f'{fmt_p(v["mcnemar"]["p_value"])} ({fmt_p(v.get("mcnemar_holm"))})',
+      f'{fmt_p(v["f1_bootstrap"]["p_value"])} ({fmt_p(v.get("f1_bootstrap_holm"))})',
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
@@ -499,8 +480,8 @@ def per_class_table(agg: dict) -> str:
   for m, r in agg['methods'].items():
     delong = (r.get('vs_baseline') or {}).get('auroc_delong_per_class') or {}
     for name, pc in r['per_class'].items():
-      cells = [m, name] + [_ci(pc[key]) for key in PER_CLASS_METRICS]
-      cells.append(_p(delong[name]['p_value']) if name in delong else '-')
+      cells = [m, name] + [fmt_ci(pc[key]) for key in PER_CLASS_METRICS]
+      cells.append(fmt_p(delong[name]['p_value']) if name in delong else '-')
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

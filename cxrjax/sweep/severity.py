@@ -25,21 +25,23 @@ than one session runs in parts whose results are committed as they land.
 from __future__ import annotations
 
 import copy
-import csv
 import glob
 import hashlib
-import io
 import json
 import os
 import shutil
 from typing import Any
 
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
 from cxrjax import fileio, progress
 from cxrjax.eval import stats
-from cxrjax.eval.report import TABLE_KEYS, fmt
+from cxrjax.eval.report import TABLE_KEYS, csv_text, fmt, fmt_ci, fmt_p
 from cxrjax.sweep import plan
 
 # The change against the baseline is drawn for these (the study's three endpoints).
@@ -201,10 +203,6 @@ def _tstr_value(util: dict | None) -> float | None:
 
 
 def figure(agg: dict, path: str) -> None:
-  import matplotlib  # noqa: PLC0415 - only the study's report draws; importing this module stays light
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   ratios = sorted(agg['ratios'], key=float)
   x = np.array([float(r) for r in ratios])
@@ -252,18 +250,6 @@ def _ratio_axis(ax, x: np.ndarray, ratios) -> None:
   ax.minorticks_off()
 
 
-def _ci(c: dict | None) -> str:
-  if not c:
-    return '-'
-  if c.get('n', 0) <= 1:
-    return fmt(c['mean'])
-  return f'{c["mean"]:.3f} ± {(c["high"] - c["low"]) / 2:.3f}'
-
-
-def _p(x) -> str:
-  return '-' if x is None or x != x else (f'{x:.3f}' if x >= 0.001 else f'{x:.1e}')
-
-
 def rows(agg: dict) -> list[dict]:
   out = []
   for r, row in sorted(agg['ratios'].items(), key=lambda kv: float(kv[0])):
@@ -287,18 +273,6 @@ def rows(agg: dict) -> list[dict]:
       item['generator_collapsed'] = e.get('generator_collapsed')
       out.append(item)
   return out
-
-
-def csv_text(items: list[dict]) -> str:
-  keys: list[str] = []
-  for it in items:
-    keys += [k for k in it if k not in keys]
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=keys)
-  w.writeheader()
-  for it in items:
-    w.writerow(it)
-  return buf.getvalue()
 
 
 def markdown(study, agg: dict, workdir: str) -> str:
@@ -330,10 +304,10 @@ def markdown(study, agg: dict, workdir: str) -> str:
     vb, vc = e.get('vs_baseline') or {}, e.get('vs_best_classic') or {}
     d = e.get('delta_vs_baseline') or {}
     lines.append(
-      f'| {it["ratio"]:g}:1 | {min(counts)} / {max(counts)} | {it["method"]} | {_ci(d.get("f1"))} |'
-      f' {_ci(d.get("balanced_accuracy"))} | {_ci(d.get("youden_j"))} |'
-      f' {_p(vb.get("f1_bootstrap_holm"))} / {_p(vb.get("youden_j_bootstrap_holm"))} |'
-      f' {_p(vc.get("f1_bootstrap_holm", vc.get("f1_bootstrap")))} |'
+      f'| {it["ratio"]:g}:1 | {min(counts)} / {max(counts)} | {it["method"]} | {fmt_ci(d.get("f1"))} |'
+      f' {fmt_ci(d.get("balanced_accuracy"))} | {fmt_ci(d.get("youden_j"))} |'
+      f' {fmt_p(vb.get("f1_bootstrap_holm"))} / {fmt_p(vb.get("youden_j_bootstrap_holm"))} |'
+      f' {fmt_p(vc.get("f1_bootstrap_holm", vc.get("f1_bootstrap")))} |'
       f' {fmt(it["tstr_utility"])} | {"yes" if it["generator_collapsed"] else ("no" if it["generator_collapsed"] is False else "-")} |'
     )
   lines += ['', '![severity](severity.png)', '', '## Every metric (mean ± 95% CI over seeds)', '']
@@ -341,7 +315,7 @@ def markdown(study, agg: dict, workdir: str) -> str:
   lines += ['| ratio | method | ' + ' | '.join(label for _, label in keys) + ' |', '|' + '---|' * (len(keys) + 2)]
   for r, row in sorted(agg['ratios'].items(), key=lambda kv: float(kv[0])):
     for m, e in row['methods'].items():
-      lines.append(f'| {r}:1 | {m} | ' + ' | '.join(_ci(e.get(k)) for k, _ in keys) + ' |')
+      lines.append(f'| {r}:1 | {m} | ' + ' | '.join(fmt_ci(e.get(k)) for k, _ in keys) + ' |')
   lines += ['', '## Per ratio', '']
   for r in sorted(agg['ratios'], key=float):
     kept = agg['ratios'][r].get('kept')
