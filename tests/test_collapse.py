@@ -205,3 +205,14 @@ def test_dcgan_trains_on_twelve_images(npz_path, tmp_path, capsys):
   assert (tmp_path / 'gen' / 'class_1' / 'samples' / 'step_000002.png').is_file()
   out = gan.synthesize(cfg, handle, data, np.ones(30, np.int32))
   assert out.shape == (30, 28, 28, 1) and out.dtype == np.uint8
+
+
+def test_calibration_probe_separates_real_subsets_from_copies(cdcgan_smoke_run, npz_path):
+  """`python -m cxrjax.eval.collapse_probe`, whose numbers calibrated the thresholds (BUILD_NOTES), on the smoke run."""
+  from cxrjax.eval import collapse_probe  # noqa: PLC0415
+
+  assert cdcgan_smoke_run.returncode == 0, cdcgan_smoke_run.stderr
+  rows = {r['set']: r for r in collapse_probe.probe(str(cdcgan_smoke_run.workdir), str(npz_path))}
+  assert rows['one real image repeated']['diversity_pixels'] == 0 and rows['one real image repeated']['recall'] < 0.01
+  assert rows['real subset of 160']['recall'] > 0.5 > rows['one real image repeated']['recall']
+  assert rows['synthetic set of the run']['n'] == 160

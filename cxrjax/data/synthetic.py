@@ -151,6 +151,12 @@ def load(path: str) -> tuple[Split, dict[str, Any]]:
   return Split(images, labels.astype(np.int32), names.copy(), names), provenance
 
 
+def labels_for(counts: dict[int, int]) -> np.ndarray:
+  """int32 labels, `counts[c]` of class c, in class order (empty for no counts)."""
+  parts = [np.full(n, c, np.int32) for c, n in counts.items() if n > 0]
+  return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
 def parse_sources(spec: str) -> list[tuple[str, float]]:
   """'a.npz:0.7,b.npz:0.3' -> [('a.npz', 0.7), ('b.npz', 0.3)] (weights default to 1)."""
   out = []

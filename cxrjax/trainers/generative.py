@@ -128,7 +128,7 @@ def train_and_evaluate(
     if os.path.isfile(syn_path):
       _, current = synthetic.load(syn_path)
     if current != prov:
-      labels = np.concatenate([np.full(n, c, np.int32) for c, n in needed.items() if n > 0] or [np.zeros(0, np.int32)])
+      labels = synthetic.labels_for(needed)
       progress.log(f'[{config.trainer}] synthesizing {len(labels)} images')
       images = generator.synthesize(config, handle, data, labels)
       faults.maybe_fail('synthesis')
@@ -208,7 +208,7 @@ def synthesize_val(config, generator, handle, data, syn_split: Split, prov: dict
     config.rebalance.synthetic_val_rule, config.rebalance.target_ratio,
   )  # fmt: skip
   if not os.path.isfile(path) or synthetic.load(path)[1] != vprov:
-    labels = np.concatenate([np.full(n, c, np.int32) for c, n in counts.items() if n > 0] or [np.zeros(0, np.int32)])
+    labels = synthetic.labels_for(counts)
     progress.log(f'[{config.trainer}] synthesizing {len(labels)} validation images {counts}')
     images = generator.synthesize(config, handle, data, labels, split='val')
     derived = getattr(generator, 'derived_from', None)

@@ -133,10 +133,10 @@ def derived_from_real(config: ml_collections.ConfigDict, data: common.PreparedDa
   )
 
 
-def _predict(model, variables, split: Split, config, mesh) -> np.ndarray:
-  return classifier.predict_split(
-    jax.jit(classifier.make_predict(model)), variables, split, config.eval_batch_size, mesh
-  )
+def _predictor(model, variables, config, mesh) -> Callable[[Split], np.ndarray]:
+  """split -> class probabilities of `model` (jitted once, reused for every split)."""
+  fn = jax.jit(classifier.make_predict(model))
+  return lambda split: classifier.predict_split(fn, variables, split, config.eval_batch_size, mesh)
 
 
 def _metrics(probs: np.ndarray, split: Split, config, class_names, threshold: float | None = None) -> dict:
@@ -215,7 +215,7 @@ def evaluate(
   syn_path = os.path.join(udir, SET_NAME)
   current = synthetic.load(syn_path)[1] if os.path.isfile(syn_path) else None
   if current != prov:
-    labels = np.concatenate([np.full(n, c, np.int32) for c, n in counts.items()])
+    labels = synthetic.labels_for(counts)
     progress.log(f'[utility] synthesizing a synthetic copy of the training split: {len(labels)} images, {counts}')
     images = generator.synthesize(config, handle, data, labels)
     if jax.process_index() == 0:
@@ -236,11 +236,12 @@ def evaluate(
   # TRTS: the real-trained classifiers tested on the synthetic copy.
   model, variables, _ = features_lib.load_classifier(os.path.join(path, 'export'))
   thr = trtr['test'].get('youden', {}).get('threshold')
-  trts = _metrics(_predict(model, variables, syn, config, mesh), syn, config, names, thr)
+  trts = _metrics(_predictor(model, variables, config, mesh)(syn), syn, config, names, thr)
   ref_model, ref_vars, ref_info = reference.reference_network(config, run.workdir, backend)
+  ref_predict = _predictor(ref_model, ref_vars, config, mesh)
   test = data.dataset.splits['test']
-  trts_ref = _metrics(_predict(ref_model, ref_vars, syn, config, mesh), syn, config, names)
-  trtr_ref = _metrics(_predict(ref_model, ref_vars, test, config, mesh), test, config, names)
+  trts_ref = _metrics(ref_predict(syn), syn, config, names)
+  trtr_ref = _metrics(ref_predict(test), test, config, names)
 
   epochs = f'{config.num_epochs} epoch' + ('s' if config.num_epochs != 1 else '')
   model_desc = f'{config.model.name} (width {config.model.width}), {epochs}, seed {config.seed}'
