@@ -89,6 +89,7 @@ def plan_variants(
   torch_threads: tuple[int, ...] = TORCH_THREADS,
   compile_torch: bool = True,
   cpu_bf16: bool = False,
+  dtypes: tuple[str, ...] = DTYPES,
 ) -> list[Variant]:
   """The variants of one case, in the order they are built (see the module docstring).
 
@@ -99,17 +100,24 @@ def plan_variants(
     torch_threads: PyTorch thread counts to try on CPU.
     compile_torch: plan torch.compile (off for `--quick` and `--no-torch-compile`).
     cpu_bf16: the CPU computes in bfloat16 natively.
+    dtypes: the formats asked for (`--dtypes`); a bfloat16 variant needs both this and the platform.
+      With float32 alone, no bfloat16 program shares the worker's process (and its heap) with the
+      float32 one, which a before/after comparison of float32 rows wants.
 
   Returns:
     JAX variants first, then PyTorch's eager variants (float32 before bfloat16; per thread count, both
     memory formats), then the torch.compile variant, unresolved (`Variant.like` resolves it).
   """
-  variants = [Variant('jax', dtype) for dtype in DTYPES if dtype == 'float32' or has_bf16(jax_platform, cpu_bf16)]
+
+  def planned(dtype: str, platform: str) -> bool:
+    return dtype in dtypes and (dtype == 'float32' or has_bf16(platform, cpu_bf16))
+
+  variants = [Variant('jax', dtype) for dtype in DTYPES if planned(dtype, jax_platform)]
   if torch_device is None:
     return variants
   threads = tuple(torch_threads) if torch_device == 'cpu' else (None,)
   for dtype in DTYPES:
-    if dtype == 'float32' or has_bf16(torch_device, cpu_bf16):
+    if planned(dtype, torch_device):
       variants += [Variant('torch', dtype, fmt, t, device=torch_device) for t in threads for fmt in FORMATS]
   if compile_torch and kind == 'train':
     variants.append(Variant('torch', compiled=True, device=torch_device))

@@ -4,7 +4,7 @@ Usage, from the repository root (`benchmarks/` is not part of the installed pack
 
   python -m benchmarks [--models resnet18_28,resnet18_64,dcgan,unet,efficientnet_v2_b0,efficientnet_v2_s,pipeline]
       [--reps 5] [--steps N] [--rep-seconds 10] [--out PATH] [--quick] [--torch-threads 2,1]
-      [--no-torch-compile | --torch-compile] [--kernels auto|stock|cpu]
+      [--no-torch-compile | --torch-compile] [--kernels auto|stock|cpu] [--dtypes float32[,bfloat16]]
 
 (`./dev bench ARGS` installs what it needs and runs this.) What is timed is in `benchmarks.cases`:
 each JAX row is a trainer's program from its factory, on the backend `--kernels` selects
@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--torch-compile', action='store_true', help='measure torch.compile even with --quick')
   parser.add_argument('--torch-threads', default=None,
                       help='PyTorch thread counts to try on CPU, comma-separated (default 2,1; 1 with --quick)')  # fmt: skip
+  parser.add_argument('--dtypes', default=','.join(plan.DTYPES),
+                      help='formats to measure where the platform computes them (float32 always: it is the '
+                           'reference of the speed-ups and of torch.compile); --dtypes=float32 for float32 rows '
+                           'with no bfloat16 program in the same processes')  # fmt: skip
   parser.add_argument('--kernels', default='auto', choices=KERNELS,
                       help="the JAX side's backend, as config.kernels: 'auto' (the CPU backend on one CPU device"
                       " when it can be built, else stock), 'stock' (Flax, optax, XLA) or 'cpu' (insist)")  # fmt: skip
@@ -141,6 +145,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.error(f'--torch-threads: expected comma-separated integers, got {args.torch_threads!r}')
   if not torch_threads or min(torch_threads) < 1:
     parser.error('--torch-threads must be positive')
+  dtypes = tuple(d for d in args.dtypes.split(',') if d)
+  if 'float32' not in dtypes or not set(dtypes) <= set(plan.DTYPES):
+    parser.error(f'--dtypes: expected float32, optionally with bfloat16 (from {",".join(plan.DTYPES)}), '
+                 f'got {args.dtypes!r}')  # fmt: skip
+  args.dtypes = dtypes
   if args.torch_server:
     _torch_server(args)
     return []
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   if not torch_process.torch_installed():
     log('PyTorch is not installed: JAX only (pip install .[bench] for the baselines)')
   forward = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}',
-             f'--torch-threads={",".join(map(str, torch_threads))}', f'--kernels={args.kernels}']  # fmt: skip
+             f'--torch-threads={",".join(map(str, torch_threads))}', f'--kernels={args.kernels}',
+             f'--dtypes={",".join(args.dtypes)}']  # fmt: skip
   forward += [f'--steps={args.steps}'] if args.steps else []
   forward += [flag for flag, on in (('--quick', args.quick), ('--no-torch-compile', args.no_torch_compile),
                                     ('--torch-compile', args.torch_compile)) if on]  # fmt: skip
@@ -238,10 +248,11 @@ def cpu_has_bf16() -> bool:
   return False
 
 
-def plan_case(case, jax_platform: str, torch_device: str | None, torch_threads, compile_torch: bool, cpu_bf16: bool):
+def plan_case(case, jax_platform: str, torch_device: str | None, torch_threads, compile_torch: bool, cpu_bf16: bool,
+              dtypes: tuple[str, ...] = plan.DTYPES):  # fmt: skip
   """The variants of `case` the worker runs, and why torch.compile is not among them (if it is not)."""
   variants = plan.plan_variants(jax_platform, torch_device, kind=case.kind, torch_threads=torch_threads,
-                                compile_torch=compile_torch, cpu_bf16=cpu_bf16)  # fmt: skip
+                                compile_torch=compile_torch, cpu_bf16=cpu_bf16, dtypes=dtypes)  # fmt: skip
   if case.kind != 'train':
     note = 'n/a: not measured for sampling'
   elif torch_device is None:
@@ -293,7 +304,7 @@ def worker(args, torch_threads: tuple[int, ...]) -> None:
       with process or contextlib.nullcontext():
         info = process.call(op='describe') if process else {}
         variants, compile_note = plan_case(case, jax_platform, info.get('device'), torch_threads, compile_torch,
-                                           cpu_bf16)  # fmt: skip
+                                           cpu_bf16, args.dtypes)  # fmt: skip
         runner = functools.partial(torch_process.remote_torch_runner, process) if process else None
         measured = timing.measure(case, variants, args.reps, args.steps, args.rep_seconds, log,
                                   exclude=exclude.get(case.model, {}), progress=progress, torch_runner=runner)  # fmt: skip

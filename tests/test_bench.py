@@ -218,6 +218,21 @@ def test_cpu_plan_is_the_eager_formats_by_threads_and_torch_compile():
     'channels_last, 1 thread, amp bf16',
     'torch.compile (fastest eager setting)',
   ]
+  # --dtypes=float32 (a before/after comparison of float32 rows): no bfloat16 program on either side.
+  f32 = plan.plan_variants('cpu', 'cpu', torch_threads=(1,), cpu_bf16=True, dtypes=('float32',))
+  assert _names(f32) == _names(quick) + ['torch.compile (fastest eager setting)']
+  gpu32, _ = run.plan_case(train, 'gpu', 'cuda', (1,), True, False, dtypes=('float32',))
+  assert all(v.dtype == 'float32' for v in gpu32) and 'jax' in _names(gpu32)
+
+
+def test_dtypes_flag_needs_float32(capsys):
+  for bad in ('bfloat16', 'float16,float32', ''):
+    with pytest.raises(SystemExit) as e:
+      run.main(['--dtypes', bad, '--models', 'resnet18_28'])
+    assert e.value.code == 2
+    assert f'--dtypes: expected float32, optionally with bfloat16 (from float32,bfloat16), got {bad!r}' in (
+      capsys.readouterr().err
+    )
 
 
 def test_gpu_plan_is_jax_in_two_dtypes_against_eager_amp_and_compile():
@@ -341,9 +356,11 @@ def test_cli_forced_cpu_devices_and_a_crashing_pytorch_variant(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   env[torch_process.ABORT_VARIANT] = 'channels_last, 1 thread'
-  proc = _bench(out, env, '--reps', '1')
+  proc = _bench(out, env, '--reps', '1', '--dtypes', 'float32')
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())
+  # --dtypes reaches the worker: float32 only, also on a CPU with native bfloat16.
+  assert list(row['jax_variants']) == ['jax'] and not any('bf16' in v for v in row['torch_variants'])
   # Read from the compiled step's input sharding: the batch really is split over both devices.
   assert row['jax_mesh_devices'] == 2 and row['jax_batch_split'] is True and row['jax_images_per_s'] > 0
   assert row['jax_backend']['kernels'] == 'stock' and 'forced CPU devices' in row['jax_backend']['description']
