@@ -278,7 +278,7 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write(out: str, rows: list[dict], md: str) -> None:
+def write(out: str, rows: list[dict] | dict, md: str) -> None:
   """`out`: the rows as JSON (replaced atomically); `out` with the suffix .md: the table."""
   path = Path(out)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -400,3 +400,80 @@ def test_conv_profile_layers_are_resnet18s_convolutions():
   assert weights == sum(int(np.prod(x.shape)) for x in kernels)
   # Spatial sizes: 28 (stem, stage 1), 14, 7, 4 px at the inputs of the stages' stride-1 convolutions.
   assert {h for (h, _, _, _, s) in convs if s == 1} == {28, 14, 7, 4}
+
+
+# ----------------------------------------------------------------------------- the alternated A/B
+
+
+def test_ab_alternates_sides_and_picks_each_trees_harness(tmp_path):
+  from benchmarks import ab  # noqa: PLC0415
+
+  assert ab.schedule(['m1', 'm2'], 2) == [
+    (1, 'm1', 'before'), (1, 'm1', 'after'), (1, 'm2', 'before'), (1, 'm2', 'after'),
+    (2, 'm1', 'after'), (2, 'm1', 'before'), (2, 'm2', 'after'), (2, 'm2', 'before'),
+  ]  # fmt: skip
+  # This checkout's harness, with --dtypes=float32; the in-package harness of a commit before the seam.
+  assert ab.harness_command(ROOT, ['--reps=3'])[1:] == ['-m', 'benchmarks', '--reps=3', '--dtypes=float32']
+  old = tmp_path / 'old'
+  (old / 'cxrjax' / 'bench').mkdir(parents=True)
+  (old / 'cxrjax' / 'bench' / '__main__.py').write_text('')
+  assert ab.harness_command(old, ['--reps=3'])[1:] == ['-m', 'cxrjax.bench', '--reps=3']
+  with pytest.raises(SystemExit, match='has neither benchmarks/ nor cxrjax/bench/'):
+    ab.harness_command(tmp_path, [])
+
+
+def _ab_row(model, ips, lo, hi, torch_ips=10.0):
+  return dict(model=model, jax_images_per_s=ips, jax_images_per_s_range=[lo, hi], torch_images_per_s=torch_ips)
+
+
+def test_ab_table_reads_ratios_overlap_and_verdicts():
+  from benchmarks import ab  # noqa: PLC0415
+
+  def m(r, side, *rows):
+    return dict(round=r, model='x', side=side, rows=list(rows))
+
+  measurements = [
+    m(1, 'before', _ab_row('a', 10, 9, 11), _ab_row('b', 10, 9.5, 10.5), _ab_row('c', 10, 9, 11)),
+    m(1, 'after', _ab_row('a', 12, 10.5, 12.5), _ab_row('b', 9.6, 9.4, 9.8), _ab_row('c', 7, 6.5, 7.5)),
+    m(2, 'after', _ab_row('a', 11, 10, 12), _ab_row('b', 9.0, 8.8, 9.2), _ab_row('c', 7, 6.8, 7.2)),
+    m(2, 'before', _ab_row('a', 10, 9.8, 10.2), _ab_row('b', 10, 9.9, 10.1), _ab_row('c', 10, 9.5, 10.5)),
+  ]
+  rows, summary = ab.pair_table(measurements)
+  by = {(r['model'], r['round']): r for r in rows}
+  assert by[('a', 1)]['after_over_before'] == 1.2 and by[('a', 1)]['ranges_overlap'] is True
+  assert by[('b', 2)]['ranges_overlap'] is False and by[('b', 1)]['ranges_overlap'] is True
+  verdicts = {s['model']: (s['median_after_over_before'], s['rounds_overlapping'], s['verdict']) for s in summary}
+  assert verdicts == {'a': (1.15, 2, 'faster'), 'b': (0.93, 1, 'within spread'), 'c': (0.7, 0, 'slower')}
+  md = ab.markdown(rows, summary, 'a' * 40, 'b' * 40, 'python -m benchmarks.ab --before X')
+  assert '| c | 1 | 10.0 (9.0-11.0) | 7.0 (6.5-7.5) | 0.700 | no | 10.0 / 10.0 |' in md
+  assert '| b | 2 | 0.930 | 1 | within spread |' in md
+
+
+def test_ab_command_runs_the_schedule_once_and_resumes(tmp_path, monkeypatch):
+  # The harness is a stand-in that writes a row (what is measured is the harness's business, tested above);
+  # the command's part is the order, the log that makes a rerun skip what is done, and the table.
+  from benchmarks import ab  # noqa: PLC0415
+
+  calls = tmp_path / 'calls.txt'
+  fake = (
+    'import json, sys; out = [a for a in sys.argv if a.startswith("--out=")][0][6:];'
+    f' open({str(calls)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n");'
+    ' json.dump([dict(model="resnet18_28", jax_images_per_s=10.0, jax_images_per_s_range=[9.0, 11.0],'
+    ' torch_images_per_s=8.0)], open(out, "w"))'
+  )
+  monkeypatch.setattr(ab, 'checkout', lambda commit, worktree: tmp_path)
+  monkeypatch.setattr(ab, 'harness_command', lambda tree, args: [sys.executable, '-c', fake, str(tree), *args])
+  out = tmp_path / 'ab' / 'ab.json'
+  argv = ['--before', 'HEAD', '--out', str(out), '--models', 'resnet18_28', '--rounds', '2']
+  summary = ab.main(argv)
+  assert summary == [dict(model='resnet18_28', rounds=2, median_after_over_before=1.0, rounds_overlapping=2,
+                          verdict='faster')]  # fmt: skip
+  trees = [line.split()[0] for line in calls.read_text().splitlines()]
+  assert trees == [str(tmp_path), str(ROOT), str(ROOT), str(tmp_path)]  # before, after; after, before
+  assert len(out.with_suffix('.jsonl').read_text().splitlines()) == 4
+  ab.main(argv)  # a rerun only re-tabulates
+  assert len(calls.read_text().splitlines()) == 4
+  assert '| resnet18_28 | 2 | 1.000 | 2 | faster |' in out.with_suffix('.md').read_text()
+  with pytest.raises(SystemExit) as e:
+    ab.main(['--before', 'HEAD', '--out', str(out), '--models', 'nope'])
+  assert e.value.code == 2
