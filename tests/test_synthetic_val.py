@@ -155,3 +155,25 @@ def test_ldm_img2img_with_synthetic_validation_and_per_class_finetune(tmp_path, 
   report = (wd / 'report.md').read_text()
   assert 'Validation includes synthetic images' in report and 'val + synthetic @ threshold_0.5' in report
   assert 'selected on **val+synthetic**' in report and 'Validation synthetic set: 190 images' in report
+
+
+def test_ensure_synthetic_makes_once_remakes_on_new_provenance_and_keeps_derived_from(tmp_path, capsys):
+  # The one path by which the training set, its validation companion and the TSTR copy are made.
+  path = str(tmp_path / 'synthetic.npz')
+  calls = []
+
+  def make(labels):
+    calls.append(labels.tolist())
+    images = np.full((len(labels), 28, 28, 1), len(calls), np.uint8)
+    return images, np.array([f'real[{i}]' for i in range(len(labels))])
+
+  prov = dict(tag='dcgan', generator='g', step=10)
+  first = common.ensure_synthetic(path, prov, {0: 1, 1: 2}, make, '[dcgan]', 'the training set')
+  assert calls == [[0, 1, 1]] and first.labels.tolist() == [0, 1, 1] and int(first.images.max()) == 1
+  assert '[dcgan] synthesizing the training set: 3 images, per class {0: 1, 1: 2}' in capsys.readouterr().err
+  assert synthetic.load_derived_from(path).tolist() == ['real[0]', 'real[1]', 'real[2]']
+  again = common.ensure_synthetic(path, prov, {0: 1, 1: 2}, make, '[dcgan]', 'the training set')
+  assert len(calls) == 1 and np.array_equal(again.images, first.images)  # read, not made again
+  # Another generator step: made again, replacing the file.
+  moved = common.ensure_synthetic(path, dict(prov, step=20), {1: 2}, make, '[dcgan]', 'the training set')
+  assert calls[-1] == [1, 1] and moved.labels.tolist() == [1, 1] and synthetic.load(path)[1]['step'] == 20

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -403,3 +404,39 @@ def base_key(config: ml_collections.ConfigDict, name: str) -> jax.Array:
 
 def finite(x) -> bool:
   return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def sync(name: str) -> None:
+  """Waits for every process at `name` (a no-op in one process): what process 0 wrote is there to read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - only with several processes
+
+    multihost_utils.sync_global_devices(name)
+
+
+def ensure_synthetic(
+  path: str,
+  provenance: dict[str, Any],
+  counts: dict[int, int],
+  make: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]],
+  tag: str,
+  what: str,
+) -> Split:
+  """The synthetic set at `path` for `provenance`, made first if it is missing or was made for another.
+
+  The one way a stage gets a synthetic set (training set, its validation companion, the TSTR copy):
+  a set whose stored provenance equals `provenance` is read as it is, so a finished stage's set is
+  reused on resume and a changed generator or config remakes it. Otherwise `make(labels)` (labels:
+  `counts[c]` of class c, in class order) returns the images and, for image-to-image sets, the real
+  image each was made from (None otherwise); every process makes them (synthesis is collective), process 0 writes the
+  file atomically, and all read it back after a barrier.
+  """
+  current = synthetic.load(path)[1] if os.path.isfile(path) else None
+  if current != provenance:
+    labels = synthetic.labels_for(counts)
+    progress.log(f'{tag} synthesizing {what}: {len(labels)} images, per class {counts}')
+    images, derived_from = make(labels)
+    if jax.process_index() == 0:
+      synthetic.save(path, images, labels, provenance, derived_from=derived_from)
+    sync(f'synthetic set {path}')
+  return synthetic.load(path)[0]

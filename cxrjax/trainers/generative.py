@@ -124,17 +124,13 @@ def train_and_evaluate(
     # 2. synthesis (atomic; redone if the generator or config changed)
     syn_path = run.path('synthetic.npz')
     prov = provenance(config, gen_info)
-    current = None
-    if os.path.isfile(syn_path):
-      _, current = synthetic.load(syn_path)
-    if current != prov:
-      labels = synthetic.labels_for(needed)
-      progress.log(f'[{config.trainer}] synthesizing {len(labels)} images')
+
+    def make(labels):
       images = generator.synthesize(config, handle, data, labels)
       faults.maybe_fail('synthesis')
-      if jax.process_index() == 0:
-        synthetic.save(syn_path, images, labels, prov)
-    syn_split, _ = synthetic.load(syn_path)
+      return images, None
+
+    syn_split = common.ensure_synthetic(syn_path, prov, needed, make, f'[{config.trainer}]', 'the training set')
     val_set = synthesize_val(config, generator, handle, data, syn_split, prov, syn_path)
 
     # 3. quality
@@ -207,14 +203,13 @@ def synthesize_val(config, generator, handle, data, syn_split: Split, prov: dict
     data.train.class_counts(k), syn_split.class_counts(k), data.dataset.splits['val'].class_counts(k),
     config.rebalance.synthetic_val_rule, config.rebalance.target_ratio,
   )  # fmt: skip
-  if not os.path.isfile(path) or synthetic.load(path)[1] != vprov:
-    labels = synthetic.labels_for(counts)
-    progress.log(f'[{config.trainer}] synthesizing {len(labels)} validation images {counts}')
-    images = generator.synthesize(config, handle, data, labels, split='val')
+
+  def make(labels):
     derived = getattr(generator, 'derived_from', None)
     derived = derived(config, data, labels, split='val') if derived is not None else None
-    if jax.process_index() == 0:
-      synthetic.save(path, images, labels, vprov, derived_from=derived)
+    return generator.synthesize(config, handle, data, labels, split='val'), derived
+
+  common.ensure_synthetic(path, vprov, counts, make, f'[{config.trainer}]', 'the validation set')
   return dict(path=path, count=int(sum(counts.values())), per_class=[counts[c] for c in range(k)])
 
 

@@ -42,7 +42,6 @@ import numpy as np
 
 from cxrjax import config_lib, fileio, progress
 from cxrjax.backends.base import Backend
-from cxrjax.data import synthetic
 from cxrjax.data.dataset import Split
 from cxrjax.eval import features as features_lib
 from cxrjax.trainers import classifier, common, reference
@@ -213,14 +212,10 @@ def evaluate(
   gen_info, handle = generator.train(config, gen_dir, data, mesh, counts, backend)
   prov = dict(provenance(config, gen_info), purpose='tstr', counts=[counts[c] for c in range(k)])
   syn_path = os.path.join(udir, SET_NAME)
-  current = synthetic.load(syn_path)[1] if os.path.isfile(syn_path) else None
-  if current != prov:
-    labels = synthetic.labels_for(counts)
-    progress.log(f'[utility] synthesizing a synthetic copy of the training split: {len(labels)} images, {counts}')
-    images = generator.synthesize(config, handle, data, labels)
-    if jax.process_index() == 0:
-      synthetic.save(syn_path, images, labels, prov)
-  syn, _ = synthetic.load(syn_path)
+  syn = common.ensure_synthetic(
+    syn_path, prov, counts, lambda labels: (generator.synthesize(config, handle, data, labels), None),
+    '[utility]', 'a synthetic copy of the training split',
+  )  # fmt: skip
 
   # TSTR: the ordinary classifier trainer, on the synthetic set alone.
   progress.log('[utility] TSTR: training a classifier on synthetic images only, testing on real')
