@@ -13,7 +13,7 @@ from cxrjax.backends.base import Backend
 from cxrjax.data.dataset import Split
 from cxrjax.errors import UserError
 from cxrjax.eval import genquality
-from cxrjax.trainers import gan, generative
+from cxrjax.trainers import common, gan, generative
 
 from conftest import CDCGAN_SMOKE_ARGS, run_cli
 
@@ -171,13 +171,20 @@ def test_smoke_run_records_the_collapse_and_stop_leaves_no_completed_run(cdcgan_
   assert json.loads((copy / 'gen_metrics.json').read_text())['collapse']['on_collapse'] == 'stop'
 
 
-def test_generator_batch():
-  assert gan.generator_batch(64, 5000) == 64
-  assert gan.generator_batch(64, 64) == 64
-  assert gan.generator_batch(64, 12) == 12
-  assert gan.generator_batch(64, 13, devices=4) == 12
-  with pytest.raises(UserError, match='needs at least 4'):
-    gan.generator_batch(64, 3, devices=4)
+def test_fit_batch_is_the_batch_or_every_image_in_multiples_of_the_devices(capsys):
+  def on(devices):
+    return types.SimpleNamespace(devices=np.empty(devices))
+
+  assert common.fit_batch(64, 5000, on(1), '[gan:x]', 'gan.batch_size') == 64
+  assert common.fit_batch(64, 64, on(1), '[gan:x]', 'gan.batch_size') == 64
+  assert capsys.readouterr().err == ''  # a full batch is not announced
+  assert common.fit_batch(64, 12, on(1), '[gan:x]', 'gan.batch_size') == 12
+  assert common.fit_batch(64, 13, on(4), '[ldm] diffusion:', 'ldm.unet.batch_size') == 12
+  err = capsys.readouterr().err
+  assert '[gan:x] 12 training images, fewer than a batch of 64: training on batches of 12' in err
+  assert '[ldm] diffusion: 13 training images, fewer than a batch of 64: training on batches of 12' in err
+  with pytest.raises(UserError, match='3 training images for a generator on 4 devices: needs at least 4'):
+    common.fit_batch(64, 3, on(4), '[gan:x]', 'gan.batch_size')
 
 
 def test_dcgan_trains_on_twelve_images(npz_path, tmp_path, capsys):

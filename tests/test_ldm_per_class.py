@@ -71,12 +71,6 @@ def test_config_keys_leave_existing_hashes_alone():
     small_config(finetune_steps=-1)
 
 
-def test_fit_batch_takes_what_there_is():
-  mesh = mesh_lib.make_mesh(config_lib.base_config().mesh)
-  assert ldm.fit_batch(32, 100, 'x', mesh) == 32
-  assert ldm.fit_batch(32, 12, 'x', mesh) == 12
-
-
 def test_finetune_starts_from_pretrained_and_makes_its_class(tmp_path, monkeypatch):
   cfg = small_config(per_class_finetune=True, finetune_steps=2)
   data = fake_data()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -404,6 +405,24 @@ def base_key(config: ml_collections.ConfigDict, name: str) -> jax.Array:
 
 def finite(x) -> bool:
   return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def fit_batch(batch_size: int, num_images: int, mesh, tag: str, key: str) -> int:
+  """The batch a generator's stage trains on: `batch_size`, or all its images when there are fewer.
+
+  A generator of a tiny class (a dozen images at 100:1) then trains on what there is instead of
+  stopping; the smaller batch stays a multiple of the devices and processes, and is announced
+  (`key`, the config entry, is unchanged). Fewer images than that multiple is an error.
+  """
+  if num_images >= batch_size:
+    return batch_size
+  unit = math.lcm(mesh.devices.size, jax.process_count())
+  batch = num_images - num_images % unit
+  if batch < 1:
+    raise UserError(f'{num_images} training images for a generator on {unit} devices: needs at least {unit}')
+  progress.log(f'{tag} {num_images} training images, fewer than a batch of {batch_size}: training on batches'
+               f' of {batch} ({key} unchanged)')  # fmt: skip
+  return batch
 
 
 def sync(name: str) -> None:

@@ -15,14 +15,13 @@ NaN/Inf or when the discriminator wins completely for `gan.collapse_patience`
 reports in a row (evidence in the message and the log); the last good
 checkpoint is kept. A generator with fewer training images than
 `gan.batch_size` (a minority of a dozen images) trains on batches of all of
-them (`generator_batch`, recorded per generator as `batch_size`). The sample
+them (`common.fit_batch`, as the LDM's stages do; recorded per generator as `batch_size`). The sample
 grids' titles give the diversity within each class (pixels, against real
 images of that class), since a grid mixing classes hides a collapse.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -35,12 +34,11 @@ import optax
 from cxrjax import config_lib, progress, seeding
 from cxrjax.backends.base import Backend
 from cxrjax.data import pipeline
-from cxrjax.errors import UserError
 from cxrjax.eval import genquality, report
 from cxrjax.models import DTYPES
 from cxrjax.models.dcgan import Discriminator, Generator
 from cxrjax.models.layers import STOCK, Layers
-from cxrjax.trainers import loop
+from cxrjax.trainers import common, loop
 from cxrjax.trainers.program import Program
 
 
@@ -250,12 +248,7 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
   gen = prog.modules['generator']
   k = num_classes if g.conditional else 0
 
-  batch = generator_batch(g.batch_size, len(images_split), mesh.devices.size)
-  if batch != g.batch_size:
-    progress.log(
-      f'[gan:{name}] {len(images_split)} training images, fewer than a batch of {g.batch_size}:'
-      f' training on batches of {batch} (gan.batch_size unchanged)'
-    )
+  batch = common.fit_batch(g.batch_size, len(images_split), mesh, f'[gan:{name}]', 'gan.batch_size')
   sample = make_sampler(gen, k)
   fixed_z = jax.random.normal(seeding.jax_key(gseed, 'gan/grid'), (64, g.latent_dim))
   # Grid rows of 8 cycle through the classes: row r shows class r % k.
@@ -325,22 +318,6 @@ def _train_one(cfg, workdir: str, images_split, mesh, num_classes: int, channels
     batch_size=batch,
   )
   return gen, result, batch
-
-
-def generator_batch(batch_size: int, num_images: int, devices: int = 1) -> int:
-  """The batch a generator trains on: `batch_size`, or all its images when there are fewer.
-
-  A generator of a tiny minority (a dozen images at 100:1) then trains on
-  what there is instead of stopping; the smaller batch stays a multiple of
-  the devices and processes.
-  """
-  if num_images >= batch_size:
-    return batch_size
-  unit = math.lcm(devices, jax.process_count())
-  batch = num_images - num_images % unit
-  if batch < 1:
-    raise UserError(f'{num_images} training images for a generator on {unit} devices: needs at least {unit}')
-  return batch
 
 
 def make_sampler(gen: Generator, num_classes: int):

@@ -37,7 +37,7 @@ from cxrjax.models import DTYPES
 from cxrjax.models.autoencoder import KLAutoencoder, ae_loss
 from cxrjax.models.layers import STOCK, Layers
 from cxrjax.models.unet import UNet
-from cxrjax.trainers import gan, loop
+from cxrjax.trainers import common, loop
 from cxrjax.trainers.program import Program
 
 
@@ -222,15 +222,6 @@ def pretrain_hash(cfg) -> str:
   return config_lib.generator_hash(base)
 
 
-def fit_batch(batch: int, n: int, what: str, mesh) -> int:
-  """The batch for a stage with `n` images: `batch`, or, when the images are fewer, all of them
-  (`gan.generator_batch`: a multiple of the devices and processes), announced."""
-  fitted = gan.generator_batch(batch, n, mesh.devices.size)
-  if fitted != batch:
-    progress.log(f'[ldm] {what}: {n} training images, fewer than a batch of {batch}; training on batches of {fitted}')
-  return fitted
-
-
 def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
   """Trains (or restores) the autoencoder; returns (model, params, latent scale, result, batch size)."""
   image_shape = data.dataset.image_shape
@@ -239,7 +230,7 @@ def _load_ae(cfg, gen_dir: str, data, mesh, backend: Backend):
   prog = autoencoder_program(cfg, image_shape, backend, seeding.jax_key(gseed, 'ldm/ae/init'))
   model = prog.modules['autoencoder']
   workdir = os.path.join(gen_dir, 'autoencoder')
-  batch = fit_batch(a.batch_size, len(data.train), 'autoencoder', mesh)
+  batch = common.fit_batch(a.batch_size, len(data.train), mesh, '[ldm] autoencoder:', 'ldm.ae.batch_size')
   result = loop.run(
     prog,
     name='autoencoder',
@@ -316,7 +307,7 @@ def train(cfg, gen_dir: str, data, mesh, needed: dict[int, int], backend: Backen
     return save_samples
 
   grid_labels = np.array([c for c in range(k) for _ in range(8)], np.int32)
-  batch = fit_batch(u.batch_size, len(data.train), 'diffusion', mesh)
+  batch = common.fit_batch(u.batch_size, len(data.train), mesh, '[ldm] diffusion:', 'ldm.unet.batch_size')
   result = loop.run(
     prog,
     name='diffusion',
@@ -417,7 +408,9 @@ def _finetune_class(cfg, gen_dir, data, mesh, c, pretrained, pretrained_step, en
     start=lambda: pretrained,
   )  # fmt: skip
   workdir = os.path.join(gen_dir, 'finetune', f'class_{c}')
-  batch = fit_batch(cfg.ldm.unet.batch_size, len(sub), f'fine-tune of class {name}', mesh)
+  batch = common.fit_batch(
+    cfg.ldm.unet.batch_size, len(sub), mesh, f'[ldm] fine-tune of class {name}:', 'ldm.unet.batch_size'
+  )
   progress.log(f'[ldm] fine-tuning the pretrained UNet on class {name} ({len(sub)} images, {steps} steps)')
   result = loop.run(
     prog,
