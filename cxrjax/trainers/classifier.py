@@ -396,6 +396,7 @@ def export_classifier(path: str, variables, config, ds) -> None:
   checkpoint.save_tree(os.path.join(path, 'variables'), variables)
   if jax.process_index() == 0:
     fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
+  common.sync(f'export {path}')  # the reference network and TRTS read the export back on every process
 
 
 def config_select_keys(m: dict) -> list[str]:
