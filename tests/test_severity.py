@@ -43,6 +43,17 @@ def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
       ]  # fmt: skip
     d = agg['ratios'][r]['methods']['oversample']['delta_vs_baseline']['f1']
     assert d['mean'] == pytest.approx(sum(a - b for a, b in zip(per['oversample'], per['baseline'])) / 2)
+    # The same at the threshold each run chose on validation (its Youden threshold, applied to test).
+    at = {
+      m: [json.loads((wd / f'ratio_{r}' / 'runs' / m / f'seed_{s}' / 'metrics.json').read_text())['test']['youden'][
+        'youden_j'] for s in (0, 1)]
+      for m in ('baseline', 'oversample')
+    }  # fmt: skip
+    e = agg['ratios'][r]['methods']['oversample']
+    assert e['delta_vs_baseline_at_validation_threshold']['youden_j']['mean'] == pytest.approx(
+      sum(a - b for a, b in zip(at['oversample'], at['baseline'])) / 2
+    )
+    assert e['at_validation_threshold']['youden_j']['mean'] == pytest.approx(sum(at['oversample']) / 2)
     assert agg['ratios'][r]['methods']['oversample']['f1']['mean'] == pytest.approx(sum(per['oversample']) / 2)
   # The ratio reached the training split (smoke caps it at 320 images, keeping the proportions).
   for r in ('3', '10'):
@@ -51,7 +62,9 @@ def test_severity_smoke_study_then_rerun_only_reaggregates(tmp_path):
   rows = list(csv.DictReader((wd / 'severity.csv').open()))
   assert [(row['ratio'], row['method']) for row in rows] == [
     ('3.0', 'baseline'), ('3.0', 'oversample'), ('10.0', 'baseline'), ('10.0', 'oversample')]  # fmt: skip
-  assert 'When does generation help?' in (wd / 'severity.md').read_text()
+  md = (wd / 'severity.md').read_text()
+  assert 'When does generation help?' in md and '## At the threshold chosen on validation' in md
+  assert rows[1]['valthr_delta_f1'] != '' and rows[0]['valthr_delta_f1'] == '' and rows[0]['valthr_f1'] != ''
   # Finished: a rerun trains nothing and writes the same study.
   before = (wd / 'severity.json').read_text()
   r = study(wd, results)
