@@ -22,13 +22,14 @@ what is there, so an interrupted comparison resumes.
 The table (`OUT.md`, and the rows in `OUT`): per model and round, JAX images/s before and after
 (median of the repetitions, with the slowest and fastest), after / before, whether the two ranges
 overlap, and PyTorch's images/s on both sides (the same PyTorch on both: its drift is the machine's);
-then per model the median after / before over the rounds and the verdict: 'faster', 'within spread'
-(the ranges overlap in at least half the rounds) or 'slower'.
+then per model the median after / before over the rounds and the verdict: 'within spread' (the
+ranges overlap in at least half the rounds), else 'faster' or 'slower' by the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -119,7 +120,7 @@ def pair_table(measurements: list[dict]) -> tuple[list[dict], list[dict]]:
     mine = [r for r in rows if r['model'] == model]
     ratio = statistics.median(r['after_over_before'] for r in mine)
     overlap = sum(r['ranges_overlap'] for r in mine)
-    verdict = 'faster' if ratio >= 1 else 'within spread' if 2 * overlap >= len(mine) else 'slower'
+    verdict = 'within spread' if 2 * overlap >= len(mine) else 'faster' if ratio > 1 else 'slower'
     summary.append(dict(model=model, rounds=len(mine), median_after_over_before=round(ratio, 3),
                         rounds_overlapping=overlap, verdict=verdict))  # fmt: skip
   return rows, summary
@@ -132,8 +133,7 @@ def markdown(rows: list[dict], summary: list[dict], before: str, after: str, com
     return '-' if x is None else f'{x:.1f}'
 
   lines = [
-    f'Before: `{before[:10]}`; after: `{after[:10]}{"+uncommitted" if after.endswith("+uncommitted") else ""}`.'
-    f' Command: `{command}`.',
+    f'Before: `{before[:10]}`; after: `{after[:10]}{after[40:]}`. Command: `{command}`.',
     '',
     '| row | round | before: JAX img/s (range) | after: JAX img/s (range) | after / before | ranges overlap |'
     ' PyTorch before / after |',
@@ -171,16 +171,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
   after = resolve('HEAD')
   dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()  # fmt: skip
-  if dirty:
-    after += '+uncommitted'
+  if dirty:  # measurements of other uncommitted edits are not reused (the key holds the diff's hash)
+    diff = subprocess.run(['git', 'diff', 'HEAD'], cwd=ROOT, capture_output=True).stdout
+    after += f'+uncommitted-{hashlib.sha256(diff).hexdigest()[:10]}'
     print('[ab] the working tree has uncommitted changes: "after" is HEAD with them', file=sys.stderr)
   trees = {'before': checkout(before, args.worktree), 'after': ROOT}
-  common = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}', f'--torch-threads={args.torch_threads}']
-  common += ['--no-torch-compile'] if args.no_torch_compile else []
+  options = [f'--reps={args.reps}', f'--rep-seconds={args.rep_seconds}', f'--torch-threads={args.torch_threads}']
+  options += ['--no-torch-compile'] if args.no_torch_compile else []
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   log_path = out.with_suffix('.jsonl')
-  key = dict(before=before, after=after, options=common)
+  key = dict(before=before, after=after, options=options)
   done = [m for m in _read(log_path) if m.get('key') == key]
   have = {(m['round'], m['model'], m['side']) for m in done}
   for r, model, side in schedule(models, args.rounds):
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f'[ab] round {r}, {model}, {side} ({trees[side]})', file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix='cxrjax-ab-') as tmp:
       rows_path = os.path.join(tmp, 'rows.json')
-      cmd = harness_command(trees[side], [*common, f'--models={model}', f'--out={rows_path}'])
+      cmd = harness_command(trees[side], [*options, f'--models={model}', f'--out={rows_path}'])
       env = dict(os.environ, PYTHONPATH=str(trees[side]))
       proc = subprocess.run(cmd, cwd=trees[side], env=env, stdout=subprocess.DEVNULL)
       if proc.returncode != 0 or not os.path.isfile(rows_path):

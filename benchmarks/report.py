@@ -13,7 +13,7 @@ peak_mem_mb (JAX float32)`, and:
   fastest] repetition), `jax_minor_faults_per_rep` (minor page faults of each timed block: a
   growing heap shows here), `mem_method`, `jax_variants` (every JAX variant: images/s, or why not
   timed), `jax_bfloat16_images_per_s` and `ratio_bfloat16` (JAX bfloat16 / PyTorch AMP bf16;
-  None where bfloat16 is not planned);
+  None where bfloat16 is not planned), `dtypes` (the formats asked for, `--dtypes`);
 - the PyTorch side: `torch_device`, `torch_setting` and `torch_threads` (the fastest eager
   float32 variant), `torch_contiguous_images_per_s` and `torch_channels_last_images_per_s`
   (the faster thread count of each format), `torch_variants` (every eager variant: images/s, or

@@ -315,7 +315,7 @@ def worker(args, torch_threads: tuple[int, ...]) -> None:
     emit(report.case_row(
       case, measured, args.reps, params_torch=info.get('params'), compile_note=compile_note,
       params_jax=case.num_params(), jax_backend=backend.record([case.program.name] if case.kind == 'train' else []),
-      jax_platform=jax_platform, jax_devices=jax_devices, torch_device=info.get('device'),
+      jax_platform=jax_platform, jax_devices=jax_devices, torch_device=info.get('device'), dtypes=list(args.dtypes),
     ))  # fmt: skip
     jax.clear_caches()
     gc.collect()

@@ -187,7 +187,9 @@ def aggregate(study: ml_collections.ConfigDict, per_ratio: dict) -> dict[str, An
       entry: dict[str, Any] = {key: a[key] for key, _ in TABLE_KEYS if key in a}
       if 'baseline' in methods and m != 'baseline':
         entry['delta_vs_baseline'] = _deltas(records, m, seeds, primary)
-        if primary != VALIDATION_POINT and all(VALIDATION_POINT in records[(m, s)]['test'] for s in seeds):
+        if primary != VALIDATION_POINT and all(
+          VALIDATION_POINT in records[(x, s)]['test'] for x in (m, 'baseline') for s in seeds
+        ):
           entry['delta_vs_baseline_at_validation_threshold'] = _deltas(records, m, seeds, VALIDATION_POINT)
       if all(VALIDATION_POINT in records[(m, s)]['test'] for s in seeds):
         entry['at_validation_threshold'] = {

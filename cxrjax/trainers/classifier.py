@@ -371,6 +371,8 @@ def _train(
     )
     faults.maybe_fail('final-eval')
     report.write_classifier_outputs(run.workdir, record, ds.class_names)
+  # Every process reads these back (the reference network: export and metrics.json; TRTS: the export).
+  common.sync(f'classifier outputs {run.workdir}')
   t = out_test.get('youden', out_test['threshold_0.5'])
   progress.log(
     f'[classifier] test ({"youden" if k == 2 else "argmax"}): auroc {t["auroc"]:.4f} f1 {t["f1"]:.4f}'
@@ -396,7 +398,6 @@ def export_classifier(path: str, variables, config, ds) -> None:
   checkpoint.save_tree(os.path.join(path, 'variables'), variables)
   if jax.process_index() == 0:
     fileio.atomic_write_json(os.path.join(path, 'model.json'), info)
-  common.sync(f'export {path}')  # the reference network and TRTS read the export back on every process
 
 
 def config_select_keys(m: dict) -> list[str]:

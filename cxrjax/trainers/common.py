@@ -447,8 +447,9 @@ def ensure_synthetic(
   a set whose stored provenance equals `provenance` is read as it is, so a finished stage's set is
   reused on resume and a changed generator or config remakes it. Otherwise `make(labels)` (labels:
   `counts[c]` of class c, in class order) returns the images and, for image-to-image sets, the real
-  image each was made from (None otherwise); every process makes them (synthesis is collective), process 0 writes the
-  file atomically, and all read it back after a barrier.
+  image each was made from (None otherwise). Process 0 writes the file atomically; every process
+  passes one barrier, whichever way it went (a process that found process 0's finished file made
+  nothing), and then reads the file.
   """
   current = synthetic.load(path)[1] if os.path.isfile(path) else None
   if current != provenance:
@@ -457,5 +458,5 @@ def ensure_synthetic(
     images, derived_from = make(labels)
     if jax.process_index() == 0:
       synthetic.save(path, images, labels, provenance, derived_from=derived_from)
-    sync(f'synthetic set {path}')
+  sync(f'synthetic set {path}')
   return synthetic.load(path)[0]
