@@ -233,18 +233,18 @@ def figure(agg: dict, path: str) -> None:
       mean = np.array([v['mean'] for v in d])
       err = np.array([[v['mean'] - v['low'] for v in d], [v['high'] - v['mean'] for v in d]])
       jitter = x * (1 + 0.03 * (i - len(methods) / 2))  # log axis: multiplicative offsets keep bars apart
-      ax.errorbar(jitter, mean, yerr=err, marker='o', ms=3, capsize=2, lw=1, label=m)
+      ax.errorbar(jitter, mean, yerr=err, marker='o', ms=3, capsize=2, lw=1, label=m, color=f'C{i}')
     ax.axhline(0, color='k', lw=0.8)
     _ratio_axis(ax, x, ratios)
     ax.set_xlabel('imbalance (majority:minority)')
     ax.set_title(f'Δ {label} vs baseline (95% CI over seeds)', fontsize=9)
   ax = axes[-1]
   drawn = 0
-  for m in methods:
+  for i, m in enumerate(methods):  # a method keeps its colour (C<i>) in every panel
     ys = [_tstr_value(agg['ratios'][r]['methods'][m].get('utility')) for r in ratios]
     if all(y is None for y in ys):
       continue
-    ax.plot(x, [np.nan if y is None else y for y in ys], marker='s', ms=3, lw=1, label=m)
+    ax.plot(x, [np.nan if y is None else y for y in ys], marker='s', ms=3, lw=1, label=m, color=f'C{i}')
     drawn += 1
   if not drawn:
     ax.text(0.5, 0.5, 'no generator with a TSTR record', ha='center', va='center', transform=ax.transAxes)
