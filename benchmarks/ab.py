@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import cases, report
+from benchmarks import cases, report, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ('before', 'after')
@@ -152,12 +152,6 @@ def markdown(rows: list[dict], summary: list[dict], before: str, after: str, com
   return '\n'.join(lines) + '\n'
 
 
-def _read(path: Path) -> list[dict]:
-  if not path.is_file():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
   parser = _parser()
   args = parser.parse_args(argv)
@@ -169,10 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.error(f'--rounds: expected a positive number, got {args.rounds}')
   before = resolve(args.before)
   after = resolve('HEAD')
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()  # fmt: skip
-  if dirty:  # measurements of other uncommitted edits are not reused (the key holds the diff's hash)
-    diff = subprocess.run(['git', 'diff', 'HEAD'], cwd=ROOT, capture_output=True).stdout
+  diff = subprocess.run(['git', 'diff', 'HEAD'], cwd=ROOT, capture_output=True).stdout
+  if diff:  # measurements of other uncommitted edits are not reused (the key holds the diff's hash)
     after += f'+uncommitted-{hashlib.sha256(diff).hexdigest()[:10]}'
     print('[ab] the working tree has uncommitted changes: "after" is HEAD with them', file=sys.stderr)
   trees = {'before': checkout(before, args.worktree), 'after': ROOT}
@@ -182,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   out.parent.mkdir(parents=True, exist_ok=True)
   log_path = out.with_suffix('.jsonl')
   key = dict(before=before, after=after, options=options)
-  done = [m for m in _read(log_path) if m.get('key') == key]
+  done = [m for m in run.read_jsonl(str(log_path)) if m.get('key') == key]
   have = {(m['round'], m['model'], m['side']) for m in done}
   for r, model, side in schedule(models, args.rounds):
     if (r, model, side) in have:

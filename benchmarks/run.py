@@ -206,7 +206,7 @@ def run_model(name: str, forward: list[str], max_attempts: int = 6) -> list[dict
         sys.stderr.flush()
         tail = (tail + [line.strip()])[-5:]
       code = proc.wait()
-      for row in _read_jsonl(result):
+      for row in read_jsonl(result):
         rows[row['model']] = row
       if code == 0:
         break
@@ -223,7 +223,7 @@ def run_model(name: str, forward: list[str], max_attempts: int = 6) -> list[dict
   return list(rows.values())
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
   if not os.path.isfile(path):
     return []
   with open(path) as f:
@@ -287,7 +287,7 @@ def worker(args, torch_threads: tuple[int, ...]) -> None:
   jax_platform = jax.devices()[0].platform
   jax_devices = [str(d) for d in jax.devices()]
   cpu_bf16 = cpu_has_bf16()
-  done = {row['model'] for row in _read_jsonl(result)}
+  done = {row['model'] for row in read_jsonl(result)}
   for case in cases.cases_for(args.worker, args.quick, backend):
     if case.model in done:
       continue

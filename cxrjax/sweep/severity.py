@@ -220,7 +220,6 @@ def _tstr_value(util: dict | None) -> float | None:
 
 
 def figure(agg: dict, path: str) -> None:
-
   ratios = sorted(agg['ratios'], key=float)
   x = np.array([float(r) for r in ratios])
   methods = [m for m in agg['methods'] if m != 'baseline']
